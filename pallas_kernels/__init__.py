@@ -1,0 +1,1 @@
+"""Pallas kernels for the chunked PRISM recurrence (GPU: gpu/, TPU: tpu/)."""

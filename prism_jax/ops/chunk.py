@@ -1,0 +1,129 @@
+"""The chunked form of the PRISM recurrence (spec §4.3): the algorithm the kernels implement.
+
+T is split into chunks of C positions. With local cumulative log-decay G_t, γ_t = exp(G_t),
+D_tj = exp(G_t − G_j) for j ≤ t in the same packed sequence (0 otherwise), W^l = β^l ⊙ δ^l,
+K₁ the erase keys and Q = scale · q, every chunk computes in parallel
+
+    A    = strict_lower(diag(β¹) (K₁ K₁ᵀ) ⊙ D)
+    M^l  = strict_lower(diag(β¹) (K₁ K^lᵀ) ⊙ D)                 l ≥ 2
+    U    = (I + A)⁻¹ (W¹ − Σ_{l≥2} M^l W^l)                    C × V
+    Wk   = (I + A)⁻¹ diag(β¹ γ) K₁                              C × K
+
+and, given the state S₀ entering the chunk, X = U − Wk S₀ ("new values") and
+
+    O    = diag(γ) Q S₀ + lower((Q K₁ᵀ) ⊙ D) X + Σ_{l≥2} lower((Q K^lᵀ) ⊙ D) W^l
+    S_C  = γ_C S₀ + (K₁ ⊙ e^{G_C − G})ᵀ X + Σ_{l≥2} (K^l ⊙ e^{G_C − G})ᵀ W^l.
+
+S_C is affine in S₀: S_C = F S₀ + E with F = γ_C I − (K₁ ⊙ e^{G_C−G})ᵀ Wk  [K, K] and
+E = (K₁ ⊙ e^{G_C−G})ᵀ U + Σ_{l≥2} (K^l ⊙ e^{G_C−G})ᵀ W^l  [K, V], both per chunk. So the only
+sequential work is the pass S_{n+1} = F_n S_n + E_n over chunks (one K×K by K×V product per
+chunk); everything else is batched over chunks. Derivation: `prism_jax/ops/README.md`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from prism_jax.ops.utils import einsum32, segment_starts
+
+
+def _unit_lower_inverse(a: jax.Array) -> jax.Array:
+  """(I + A)⁻¹ for strictly lower-triangular A [..., C, C], by triangular solve in float32."""
+  C = a.shape[-1]
+  eye = jnp.broadcast_to(jnp.eye(C, dtype=a.dtype), a.shape)
+  return jax.scipy.linalg.solve_triangular(
+      eye + a, eye, lower=True, unit_diagonal=True)
+
+
+def _pad_time(x: jax.Array, pad: int) -> jax.Array:
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _chunk_major(x: jax.Array, chunk: int) -> jax.Array:
+  """[B, T, H, ...] → [B, H, N, C, ...]."""
+  B, T, H = x.shape[:3]
+  x = x.reshape(B, T // chunk, chunk, H, *x.shape[3:])
+  return jnp.moveaxis(x, 3, 1)
+
+
+def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=False,
+                segment_ids=None, scale=None, chunk_size=64):
+  """Chunked form; arguments as `prism_recurrence`. Any T: the tail is padded internally
+  (g = 0, β = 0, δ = 0 on padding, which leaves the state unchanged)."""
+  B, T, H, K = q.shape
+  L, V = v.shape[-2], v.shape[-1]
+  C = chunk_size
+  scale = K**-0.5 if scale is None else scale
+  out_dtype = q.dtype
+  pad = (-T) % C
+  N = (T + pad) // C
+
+  starts = segment_starts(segment_ids, B, T)
+  # Index of the packed sequence each position belongs to; padding continues the last one.
+  seq_index = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # [B, T]
+  if pad:
+    seq_index = jnp.concatenate([seq_index, jnp.repeat(seq_index[:, -1:], pad, axis=1)], axis=1)
+
+  f32 = lambda x: _pad_time(x.astype(jnp.float32), pad)
+  q = _chunk_major(f32(q), C) * scale  # [B, H, N, C, K]
+  k = _chunk_major(f32(k), C)  # [B, H, N, C, L, K]
+  v = _chunk_major(f32(v), C)  # [B, H, N, C, L, V]
+  beta = _chunk_major(f32(beta), C)  # [B, H, N, C, L]
+  g = _chunk_major(f32(g), C)  # [B, H, N, C]
+  seq = seq_index.reshape(B, 1, N, C)
+  # The sequence index just before each chunk (the chunk's incoming state); chunk 0 continues
+  # the initial state into the first sequence.
+  seq_before = jnp.concatenate([seq[:, :, :1, 0], seq[:, :, :-1, -1]], axis=2)  # [B, 1, N]
+
+  k1, b1 = k[..., 0, :], beta[..., 0]  # [B, H, N, C, K], [B, H, N, C]
+  w = beta[..., None] * v  # W^l: [B, H, N, C, L, V]
+
+  G = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
+  same_seq = seq[..., :, None] == seq[..., None, :]  # [B, 1, N, C, C]
+  causal = jnp.tril(jnp.ones((C, C), dtype=bool))
+  strict = jnp.tril(jnp.ones((C, C), dtype=bool), -1)
+  # Mask the exponent before exp so no gradient ever meets exp(+large) · 0.
+  diff = G[..., :, None] - G[..., None, :]
+  decay = jnp.exp(jnp.where(causal & same_seq, diff, -jnp.inf))  # D: [B, H, N, C, C]
+  gamma = jnp.exp(jnp.where(seq == seq_before[..., None], G, -jnp.inf))  # [B, H, N, C]
+  to_end = jnp.exp(jnp.where(seq == seq[..., -1:], G[..., -1:] - G, -jnp.inf))  # [B, H, N, C]
+  gamma_end = gamma[..., -1]  # [B, H, N]
+
+  # Intra-chunk products, all chunks at once.
+  kk = einsum32("bhnik,bhnjlk->bhnlij", k1, k)  # K₁ K^lᵀ: [B, H, N, L, C, C]
+  qk = einsum32("bhnik,bhnjlk->bhnlij", q, k)  # Q K^lᵀ: [B, H, N, L, C, C]
+  a_all = jnp.where(strict, b1[:, :, :, None, :, None] * kk * decay[:, :, :, None], 0.0)
+  inv = _unit_lower_inverse(a_all[:, :, :, 0])  # (I + A)⁻¹: [B, H, N, C, C]
+  rhs = w[..., 0, :] - einsum32("bhnlij,bhnjlv->bhniv", a_all[:, :, :, 1:], w[..., 1:, :])
+  u = einsum32("bhnij,bhnjv->bhniv", inv, rhs)  # [B, H, N, C, V]
+  wk = einsum32("bhnij,bhnjk->bhnik", inv, (b1 * gamma)[..., None] * k1)  # [B, H, N, C, K]
+  attn = jnp.where(causal, qk * decay[:, :, :, None], 0.0)  # [B, H, N, L, C, C]
+
+  k_end = k * to_end[..., None, None]  # K^l ⊙ e^{G_C − G}: [B, H, N, C, L, K]
+  eye = jnp.eye(K, dtype=jnp.float32)
+  F = gamma_end[..., None, None] * eye - einsum32("bhnck,bhncj->bhnkj", k_end[..., 0, :], wk)
+  E = (einsum32("bhnck,bhncv->bhnkv", k_end[..., 0, :], u)
+       + einsum32("bhnclk,bhnclv->bhnkv", k_end[..., 1:, :], w[..., 1:, :]))
+
+  state0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
+            else initial_state.astype(jnp.float32))
+
+  def chunk_pass(state, fe):
+    F_n, E_n = fe
+    return einsum32("bhkj,bhjv->bhkv", F_n, state) + E_n, state
+
+  final, states = jax.lax.scan(chunk_pass, state0,
+                               (jnp.moveaxis(F, 2, 0), jnp.moveaxis(E, 2, 0)))
+  states = jnp.moveaxis(states, 0, 2)  # state entering each chunk: [B, H, N, K, V]
+
+  x = u - einsum32("bhnck,bhnkv->bhncv", wk, states)  # new values X
+  o = (einsum32("bhnck,bhnkv->bhncv", gamma[..., None] * q, states)
+       + einsum32("bhnij,bhnjv->bhniv", attn[:, :, :, 0], x)
+       + einsum32("bhnlij,bhnjlv->bhniv", attn[:, :, :, 1:], w[..., 1:, :]))
+  o = jnp.moveaxis(o.reshape(B, H, N * C, V), 1, 2)[:, :T]  # [B, T, H, V]
+  return o.astype(out_dtype), (final if output_final_state else None)
