@@ -1,0 +1,61 @@
+"""Input validation: bad shapes, ranks, dtypes and options fail with a message naming them."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from prism_jax.ops import prism_recurrence, prism_step
+from prism_jax.testing import random_prism_inputs
+
+
+@pytest.fixture(scope="module")
+def inputs():
+  return random_prism_inputs(jax.random.key(0), B=2, T=5, H=2, K=8, V=6, L=2)
+
+
+def call(q, k, v, beta, g, s0=None, **kw):
+  return prism_recurrence(q, k, v, beta, g, initial_state=s0, **kw)
+
+
+@pytest.mark.parametrize("which,bad,pattern", [
+    ("q", jnp.ones((2, 5, 2)), r"q must have rank 4 \[B, T, H, K\], got shape \(2, 5, 2\)"),
+    ("k", jnp.ones((2, 5, 2, 2, 7)), r"k has shape \(2, 5, 2, 2, 7\), expected \(2, 5, 2, 2, 8\)"),
+    ("k", jnp.ones((2, 5, 2, 8)), r"k must have rank 5"),
+    ("v", jnp.ones((2, 4, 2, 2, 6)), r"v has shape \(2, 4, 2, 2, 6\), expected \(2, 5, 2, 2, 6\)"),
+    ("beta", jnp.ones((2, 5, 2, 3)), r"beta has shape \(2, 5, 2, 3\), expected \(2, 5, 2, 2\)"),
+    ("g", jnp.ones((2, 5, 3)), r"g has shape \(2, 5, 3\), expected \(2, 5, 2\)"),
+    ("q", jnp.ones((2, 5, 2, 8), jnp.int32), r"q must have a floating dtype, got int32"),
+    ("s0", jnp.ones((2, 2, 6, 8)), r"initial_state has shape \(2, 2, 6, 8\), expected"),
+], ids=["q-rank", "k-dim", "k-rank", "v-length", "beta-L", "g-heads", "q-int", "s0-KV"])
+def test_bad_arrays_are_named(inputs, which, bad, pattern):
+  args = dict(zip(("q", "k", "v", "beta", "g", "s0"), inputs))
+  args[which] = bad
+  with pytest.raises(ValueError, match=pattern):
+    call(**args)
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(impl="fast"), r"impl must be one of .* got 'fast'"),
+    (dict(chunk_size=48), r"chunk_size must be a power of two >= 16, got 48"),
+    (dict(chunk_size=8), r"chunk_size must be a power of two >= 16, got 8"),
+    (dict(segment_ids=jnp.zeros((2, 4), jnp.int32)), r"segment_ids has shape \(2, 4\)"),
+    (dict(segment_ids=jnp.zeros((2, 5))), r"segment_ids must have an integer dtype"),
+])
+def test_bad_options_are_named(inputs, kw, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    call(*inputs, **kw)
+
+
+def test_validation_is_static_under_jit(inputs):
+  q, k, v, beta, g, s0 = inputs
+  with pytest.raises(ValueError, match="g has shape"):
+    jax.jit(call)(q, k, v, beta, g[:, :, :1], s0)
+
+
+def test_step_validation(inputs):
+  q, k, v, beta, g = (x[:, 0] for x in inputs[:5])  # drop the time axis
+  s0 = inputs[5]
+  with pytest.raises(ValueError, match=r"state has shape \(2, 2, 6, 8\), expected \(2, 2, 8, 6\)"):
+    prism_step(q, k, v, beta, g, jnp.swapaxes(s0, -1, -2))
+  with pytest.raises(ValueError, match=r"g must have rank 2 \[B, H\]"):
+    prism_step(q, k, v, beta, g[..., None], s0)

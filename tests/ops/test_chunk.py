@@ -1,0 +1,137 @@
+"""assoc, chunk and step-by-step decoding against the sequential reference."""
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prism_jax.ops import prism_recurrence, prism_step
+from prism_jax.testing import assert_close, random_prism_inputs
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
+def run(q, k, v, beta, g, s0, segment_ids=None, *, impl, chunk_size=64):
+  return prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
+                          segment_ids=segment_ids, impl=impl, chunk_size=chunk_size)
+
+
+@jax.jit
+def run_steps(q, k, v, beta, g, s0):
+  def body(state, xs):
+    o, state = prism_step(*xs, state)
+    return state, o
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta, g))
+  final, o = jax.lax.scan(body, s0, xs)
+  return jnp.moveaxis(o, 0, 1), final
+
+
+# (B, T, H, K, V, L, initial state, dtype); chunk 64 throughout.
+CASES = [
+    (2, 1, 4, 32, 32, 2, True, jnp.float32),
+    (2, 63, 1, 48, 48, 3, True, jnp.float32),
+    (1, 200, 4, 48, 48, 1, False, jnp.float32),
+    (2, 200, 2, 32, 24, 2, True, jnp.float32),
+    (1, 130, 1, 16, 40, 3, False, jnp.float32),
+    (2, 63, 4, 32, 32, 1, True, jnp.bfloat16),
+    (1, 200, 2, 48, 48, 2, False, jnp.bfloat16),
+    (2, 1, 1, 16, 24, 3, True, jnp.bfloat16),
+]
+case_id = lambda c: "B{}-T{}-H{}-K{}-V{}-L{}-{}-{}".format(
+    *c[:6], "s0" if c[6] else "zero", jnp.dtype(c[7]).name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("impl", ["assoc", "chunk", "step"])
+def test_matches_naive(impl, case):
+  B, T, H, K, V, L, init, dtype = case
+  key = jax.random.key(zlib.crc32(f"{impl}-{case_id(case)}".encode()))
+  q, k, v, beta, g, s0 = random_prism_inputs(key, B, T, H, K, V, L, dtype, initial_state=init)
+  o_ref, final_ref = run(q, k, v, beta, g, s0, impl="naive")
+  if impl == "step":
+    state = jnp.zeros((B, H, K, V), jnp.float32) if s0 is None else s0
+    o, final = run_steps(q[:, :], k, v, beta, g, state)
+  else:
+    o, final = run(q, k, v, beta, g, s0, impl=impl)
+  assert o.dtype == q.dtype and final.dtype == jnp.float32
+  # Every form computes in float32 from the same (possibly bf16) inputs, so only the final cast
+  # of o to bf16 separates them: the bf16 output tolerance applies to o, float32 to the state.
+  assert_close("o", o_ref.astype(jnp.float32), o.astype(jnp.float32),
+               5e-3 if dtype == jnp.bfloat16 else 2e-5)
+  assert_close("final_state", final_ref, final, 2e-5)
+
+
+def _loss(impl, chunk_size=64):
+  def loss(q, k, v, beta, g, s0, do, dS):
+    o, final = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
+                                impl=impl, chunk_size=chunk_size)
+    return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dS)
+  return jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+
+
+GRAD_CASES = [(2, 63, 2, 32, 32, 2), (1, 130, 1, 48, 24, 3), (1, 40, 2, 16, 16, 1)]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "B{}-T{}-H{}-K{}-V{}-L{}".format(*c))
+@pytest.mark.parametrize("impl", ["chunk", "assoc"])
+def test_gradients_match_naive(impl, case):
+  B, T, H, K, V, L = case
+  key = jax.random.key(T + 100 * L)
+  q, k, v, beta, g, s0 = random_prism_inputs(key, B, T, H, K, V, L)
+  kd, ks = jax.random.split(jax.random.fold_in(key, 1))
+  do = jax.random.normal(kd, (B, T, H, V))
+  dS = jax.random.normal(ks, (B, H, K, V))
+  ref = _loss("naive")(q, k, v, beta, g, s0, do, dS)
+  got = _loss(impl, chunk_size=32)(q, k, v, beta, g, s0, do, dS)
+  for name, r, x in zip(("dq", "dk", "dv", "dbeta", "dg", "dinitial_state"), ref, got):
+    # Gradients sum over the whole sequence through the triangular solve: allow 1e-4.
+    assert_close(name, r, x, 1e-4)
+
+
+@pytest.mark.parametrize("split", [1, 64, 100, 170])
+def test_chunk_continues_from_its_final_state(split):
+  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(split), B=2, T=200, H=2, K=32, V=32,
+                                             L=2)
+  o_full, final_full = run(q, k, v, beta, g, s0, impl="chunk")
+  first = tuple(x[:, :split] for x in (q, k, v, beta, g))
+  rest = tuple(x[:, split:] for x in (q, k, v, beta, g))
+  o1, s1 = run(*first, s0, impl="chunk")
+  o2, s2 = run(*rest, s1, impl="chunk")
+  assert_close("o", o_full, jnp.concatenate([o1, o2], axis=1), 2e-5)
+  assert_close("final_state", final_full, s2, 2e-5)
+
+
+@pytest.mark.parametrize("impl", ["naive", "assoc", "chunk"])
+def test_packed_segments_equal_separate_runs(impl):
+  lengths = [17, 64, 5, 50]  # crosses chunk boundaries of 32 and leaves a partial tail
+  T = sum(lengths)
+  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(11), B=1, T=T, H=2, K=16, V=16, L=2)
+  seg = jnp.repeat(jnp.arange(len(lengths)), np.array(lengths))[None]
+  o, final = run(q, k, v, beta, g, s0, seg, impl=impl, chunk_size=32)
+  start = 0
+  for i, n in enumerate(lengths):
+    part = tuple(x[:, start:start + n] for x in (q, k, v, beta, g))
+    # The first packed sequence continues from the initial state, later ones start from zero.
+    init = s0 if i == 0 else jnp.zeros_like(s0)
+    o_i, final_i = run(*part, init, impl="naive")
+    assert_close(f"o[segment {i}]", o_i, o[:, start:start + n], 2e-5)
+    start += n
+  assert_close("final_state", final_i, final, 2e-5)
+
+
+def test_packed_segment_gradients_match_naive():
+  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(12), B=2, T=70, H=1, K=16, V=16, L=2)
+  seg = jnp.array([[0] * 20 + [1] * 50, [0] * 33 + [1] * 30 + [2] * 7])
+
+  def loss(impl):
+    def f(*args):
+      o, final = prism_recurrence(*args, initial_state=s0, output_final_state=True,
+                                  segment_ids=seg, impl=impl, chunk_size=16)
+      return jnp.sum(jnp.sin(o)) + jnp.sum(final**2)
+    return jax.jit(jax.grad(f, argnums=tuple(range(5))))
+
+  for name, r, x in zip(("dq", "dk", "dv", "dbeta", "dg"), loss("naive")(q, k, v, beta, g),
+                        loss("chunk")(q, k, v, beta, g)):
+    assert_close(name, r, x, 1e-4)
