@@ -1,0 +1,276 @@
+"""Pallas (Triton backend) kernels of the chunked PRISM recurrence on GPU.
+
+Arrays keep the caller's layout ([B, T, H, ...]); a BlockSpec with squeezed batch and head axes
+gives each program one head's rows. All kernels take T a multiple of the chunk C and K, V
+powers of two ≥ 16 (the public wrapper pads). Five stages, as in the chunked Gated DeltaNet:
+
+  prepare       (B, H, N) parallel: U, Wk of every chunk (the (I + A)⁻¹ products)
+  state_forward (B, H, V/BV): sequential over chunks; state [K, BV] float32 in registers;
+                saves the state entering every chunk and the new values X = U − Wk S
+  output        (B, H, N) parallel: O from Q, the saved state and X
+  state_backward(B, H, V/BV): reverse pass for the state cotangents (dS entering each chunk's
+                end is saved; dS₀ is the initial-state gradient)
+  grads         (B, H, N) parallel: every input cotangent of a chunk from S, dS', dO
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import chunk_math as cm
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiling of the GPU kernels. chunk: positions per chunk (C); block_v: value columns per
+  program of the sequential passes; num_warps / num_stages: Triton launch parameters."""
+  chunk: int = 64
+  block_v: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("chunk", "block_v"):
+      n = getattr(self, name)
+      if n < 16 or n & (n - 1):
+        raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {n}")
+
+
+def _params(bs: BlockSizes):
+  return plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+
+
+def _col(x):
+  return x.astype(jnp.float32)[:, None]
+
+
+def _gates(G_ref, seq_ref, prev_ref, sl=slice(None)):
+  G = G_ref[sl].astype(jnp.float32)
+  seq = seq_ref[sl]
+  return cm.chunk_gates(G[:, None], G[None, :], seq[:, None], seq[None, :], prev_ref[sl][:, None])
+
+
+def _split(refs, counts):
+  out, i = [], 0
+  for n in counts:
+    out.append(refs[i:i + n])
+    i += n
+  return out
+
+
+# Kernel bodies.
+
+def _prepare_kernel(*refs, L, precision):
+  k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, u_ref, wk_ref) = _split(
+      refs, (L, L, L, 5))
+  gates = _gates(G_ref, seq_ref, prev_ref)
+  k = [r[...].astype(jnp.float32) for r in k_refs]
+  w = [_col(b[...]) * r[...].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
+  intra = cm.intra_chunk(k, w, _col(beta_refs[0][...]), gates, precision)
+  u_ref[...] = intra.u
+  wk_ref[...] = intra.wk
+
+
+def _state_forward_kernel(*refs, L, C, precision):
+  (k_refs, v_refs, beta_refs,
+   (G_ref, seq_ref, prev_ref, u_ref, wk_ref, h0_ref, h_ref, x_ref, hT_ref)) = _split(
+       refs, (L, L, L, 9))
+  K = k_refs[0].shape[-1]
+  N = u_ref.shape[0] // C
+
+  def body(n, state):
+    sl = pl.ds(n * C, C)
+    gates = _gates(G_ref, seq_ref, prev_ref, sl)
+    k = [r[sl, :].astype(jnp.float32) for r in k_refs]
+    w = [_col(b[sl]) * r[sl, :].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
+    h_ref[pl.ds(n * K, K), :] = state
+    x = u_ref[sl, :] - cm.mm(wk_ref[sl, :], state, precision)
+    x_ref[sl, :] = x
+    return cm.next_state(state, x, k, w, gates, precision)
+
+  hT_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...])
+
+
+def _output_kernel(*refs, L, scale, precision):
+  (q_ref,), k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, x_ref, h_ref, o_ref) = _split(
+      refs, (1, L, L, L, 6))
+  gates = _gates(G_ref, seq_ref, prev_ref)
+  q = q_ref[...].astype(jnp.float32) * scale
+  k = [r[...].astype(jnp.float32) for r in k_refs]
+  w = [_col(b[...]) * r[...].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
+  o = cm.chunk_output(q, h_ref[...], x_ref[...], k, w, gates, precision)
+  o_ref[...] = o.astype(o_ref.dtype)
+
+
+def _state_backward_kernel(q_ref, k1_ref, G_ref, seq_ref, prev_ref, wk_ref, do_ref, dhT_ref,
+                           dh_ref, dh0_ref, *, C, scale, precision):
+  K = k1_ref.shape[-1]
+  N = wk_ref.shape[0] // C
+
+  def body(i, dstate):
+    n = N - 1 - i
+    sl = pl.ds(n * C, C)
+    gates = _gates(G_ref, seq_ref, prev_ref, sl)
+    dh_ref[pl.ds(n * K, K), :] = dstate
+    q = q_ref[sl, :].astype(jnp.float32) * scale
+    return cm.state_cotangent_step(dstate, q, do_ref[sl, :].astype(jnp.float32), wk_ref[sl, :],
+                                   k1_ref[sl, :].astype(jnp.float32), gates, precision)
+
+  dh0_ref[...] = jax.lax.fori_loop(0, N, body, dhT_ref[...])
+
+
+def _grads_kernel(*refs, L, scale, precision):
+  ((q_ref,), k_refs, v_refs, beta_refs,
+   (G_ref, seq_ref, prev_ref, h_ref, dh_ref, do_ref, dq_ref),
+   dk_refs, dv_refs, dbeta_refs, (dG_ref,)) = _split(refs, (1, L, L, L, 7, L, L, L, 1))
+  gates = _gates(G_ref, seq_ref, prev_ref)
+  q = q_ref[...].astype(jnp.float32) * scale
+  k = [r[...].astype(jnp.float32) for r in k_refs]
+  v = [r[...].astype(jnp.float32) for r in v_refs]
+  beta = [_col(r[...]) for r in beta_refs]
+  g = cm.chunk_grads(q, k, v, beta, h_ref[...], dh_ref[...], do_ref[...].astype(jnp.float32),
+                     gates, precision)
+  dq_ref[...] = g.dq * scale
+  for r, x in zip(dk_refs, g.dk):
+    r[...] = x
+  for r, x in zip(dv_refs, g.dv):
+    r[...] = x
+  for r, x in zip(dbeta_refs, g.dbeta):
+    r[...] = x[:, 0]
+  dG_ref[...] = g.dG[:, 0]
+
+
+# pallas_calls. Shapes: q [B,T,H,K], k [B,T,H,L,K], v [B,T,H,L,V], beta [B,T,H,L],
+# G [B,T,H] float32, seq / prev [B,T] float32, states [B,H,K,V] float32.
+
+def _chunk_specs(L, C, K, V):
+  """BlockSpecs of one chunk (grid (B, H, N)) for q, the L keys, values and gates, G, seq, prev."""
+  q = pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h, 0))
+  ks = [pl.BlockSpec((None, C, None, None, K), lambda b, h, n, l=l: (b, n, h, l, 0))
+        for l in range(L)]
+  vs = [pl.BlockSpec((None, C, None, None, V), lambda b, h, n, l=l: (b, n, h, l, 0))
+        for l in range(L)]
+  betas = [pl.BlockSpec((None, C, None, None), lambda b, h, n, l=l: (b, n, h, l))
+           for l in range(L)]
+  G = pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h))
+  seq = pl.BlockSpec((None, C), lambda b, h, n: (b, n))
+  return q, ks, vs, betas, G, seq
+
+
+def _rows_spec(C, D):
+  return pl.BlockSpec((None, C, None, D), lambda b, h, n: (b, n, h, 0))
+
+
+def prepare(k, v, beta, G, seq, prev, *, bs: BlockSizes, precision, interpret):
+  """U [B,T,H,V] and Wk [B,T,H,K] (float32) of every chunk."""
+  B, T, H, L, K = k.shape
+  V, C = v.shape[-1], bs.chunk
+  _, ks, vs, betas, G_spec, seq_spec = _chunk_specs(L, C, K, V)
+  return pl.pallas_call(
+      functools.partial(_prepare_kernel, L=L, precision=precision),
+      grid=(B, H, T // C),
+      in_specs=[*ks, *vs, *betas, G_spec, seq_spec, seq_spec],
+      out_specs=[_rows_spec(C, V), _rows_spec(C, K)],
+      out_shape=[jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
+                 jax.ShapeDtypeStruct((B, T, H, K), jnp.float32)],
+      compiler_params=_params(bs), interpret=interpret, name="prism_prepare",
+  )(*([k] * L), *([v] * L), *([beta] * L), G, seq, prev)
+
+
+def _seq_specs(L, T, K, BV):
+  """Whole-sequence BlockSpecs for the sequential passes (grid (B, H, V/BV))."""
+  ks = [pl.BlockSpec((None, T, None, None, K), lambda b, h, j, l=l: (b, 0, h, l, 0))
+        for l in range(L)]
+  vs = [pl.BlockSpec((None, T, None, None, BV), lambda b, h, j, l=l: (b, 0, h, l, j))
+        for l in range(L)]
+  betas = [pl.BlockSpec((None, T, None, None), lambda b, h, j, l=l: (b, 0, h, l))
+           for l in range(L)]
+  G = pl.BlockSpec((None, T, None), lambda b, h, j: (b, 0, h))
+  seq = pl.BlockSpec((None, T), lambda b, h, j: (b, 0))
+  rows_k = pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0))
+  rows_v = pl.BlockSpec((None, T, None, BV), lambda b, h, j: (b, 0, h, j))
+  return ks, vs, betas, G, seq, rows_k, rows_v
+
+
+def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, bs: BlockSizes, precision, interpret):
+  """States entering each chunk h [B,H,N·K,V], new values X [B,T,H,V], final state [B,H,K,V]."""
+  B, T, H, L, K = k.shape
+  V, C = v.shape[-1], bs.chunk
+  BV = min(bs.block_v, V)
+  ks, vs, betas, G_spec, seq_spec, rows_k, rows_v = _seq_specs(L, T, K, BV)
+  state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
+  h_spec = pl.BlockSpec((None, None, T // C * K, BV), lambda b, h, j: (b, h, 0, j))
+  return pl.pallas_call(
+      functools.partial(_state_forward_kernel, L=L, C=C, precision=precision),
+      grid=(B, H, V // BV),
+      in_specs=[*ks, *vs, *betas, G_spec, seq_spec, seq_spec, rows_v, rows_k, state_spec],
+      out_specs=[h_spec, rows_v, state_spec],
+      out_shape=[jax.ShapeDtypeStruct((B, H, T // C * K, V), jnp.float32),
+                 jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
+                 jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
+      compiler_params=_params(bs), interpret=interpret, name="prism_state_forward",
+  )(*([k] * L), *([v] * L), *([beta] * L), G, seq, prev, u, wk, h0)
+
+
+def output(q, k, v, beta, G, seq, prev, x, h, *, scale, bs: BlockSizes, precision, interpret):
+  """O [B,T,H,V] in q's dtype."""
+  B, T, H, L, K = k.shape
+  V, C = v.shape[-1], bs.chunk
+  q_spec, ks, vs, betas, G_spec, seq_spec = _chunk_specs(L, C, K, V)
+  h_spec = pl.BlockSpec((None, None, K, V), lambda b, h, n: (b, h, n, 0))
+  return pl.pallas_call(
+      functools.partial(_output_kernel, L=L, scale=scale, precision=precision),
+      grid=(B, H, T // C),
+      in_specs=[q_spec, *ks, *vs, *betas, G_spec, seq_spec, seq_spec, _rows_spec(C, V), h_spec],
+      out_specs=_rows_spec(C, V),
+      out_shape=jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
+      compiler_params=_params(bs), interpret=interpret, name="prism_output",
+  )(q, *([k] * L), *([v] * L), *([beta] * L), G, seq, prev, x, h)
+
+
+def state_backward(q, k, G, seq, prev, wk, do, dhT, *, scale, bs: BlockSizes, precision,
+                   interpret):
+  """Cotangents of the states leaving each chunk dh [B,H,N·K,V] and of the initial state."""
+  B, T, H, L, K = k.shape
+  V, C = do.shape[-1], bs.chunk
+  BV = min(bs.block_v, V)
+  ks, _, _, G_spec, seq_spec, rows_k, rows_v = _seq_specs(1, T, K, BV)
+  state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
+  h_spec = pl.BlockSpec((None, None, T // C * K, BV), lambda b, h, j: (b, h, 0, j))
+  return pl.pallas_call(
+      functools.partial(_state_backward_kernel, C=C, scale=scale, precision=precision),
+      grid=(B, H, V // BV),
+      in_specs=[rows_k, ks[0], G_spec, seq_spec, seq_spec, rows_k, rows_v, state_spec],
+      out_specs=[h_spec, state_spec],
+      out_shape=[jax.ShapeDtypeStruct((B, H, T // C * K, V), jnp.float32),
+                 jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
+      compiler_params=_params(bs), interpret=interpret, name="prism_state_backward",
+  )(q, k, G, seq, prev, wk, do, dhT)
+
+
+def grads(q, k, v, beta, G, seq, prev, h, dh, do, *, scale, bs: BlockSizes, precision,
+          interpret):
+  """Float32 cotangents (dq [B,T,H,K], dk L×[B,T,H,K], dv L×[B,T,H,V], dβ L×[B,T,H], dG)."""
+  B, T, H, L, K = k.shape
+  V, C = v.shape[-1], bs.chunk
+  q_spec, ks, vs, betas, G_spec, seq_spec = _chunk_specs(L, C, K, V)
+  h_spec = pl.BlockSpec((None, None, K, V), lambda b, h, n: (b, h, n, 0))
+  gate_spec = pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h))
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_grads_kernel, L=L, scale=scale, precision=precision),
+      grid=(B, H, T // C),
+      in_specs=[q_spec, *ks, *vs, *betas, G_spec, seq_spec, seq_spec, h_spec, h_spec,
+                _rows_spec(C, V)],
+      out_specs=[_rows_spec(C, K)] + [_rows_spec(C, K)] * L + [_rows_spec(C, V)] * L
+      + [gate_spec] * (L + 1),
+      out_shape=[f32(B, T, H, K)] + [f32(B, T, H, K)] * L + [f32(B, T, H, V)] * L
+      + [f32(B, T, H)] * (L + 1),
+      compiler_params=_params(bs), interpret=interpret, name="prism_grads",
+  )(q, *([k] * L), *([v] * L), *([beta] * L), G, seq, prev, h, dh, do)

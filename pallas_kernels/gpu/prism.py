@@ -1,0 +1,60 @@
+"""The GPU kernels under one `jax.custom_vjp`: forward (prepare → state pass → output) and the
+hand-written backward (state cotangent pass → per-chunk gradients), recomputing from the states
+saved at every chunk boundary (memory linear in T)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gpu import kernels
+from pallas_kernels.gpu.kernels import BlockSizes
+
+
+def matmul_precision(dtype):
+  """float32 inputs get full float32 products; bf16 inputs the tensor-core default (TF32)."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interpret: bool):
+  """Chunked recurrence on kernel-ready arrays: T a multiple of bs.chunk, K and V powers of two.
+
+  q [B,T,H,K]; k [B,T,H,L,K]; v [B,T,H,L,V]; beta [B,T,H,L] (one dtype); G [B,T,H] float32
+  chunk-local cumulative log-decay; seq, prev [B,T] float32 packed-sequence index of each
+  position and of the state entering its chunk; h0 [B,H,K,V] float32.
+  Returns (o [B,T,H,V] in q's dtype, final state [B,H,K,V] float32).
+  """
+  o, hT, _ = _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret)
+  return o, hT
+
+
+def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
+  kw = dict(bs=bs, precision=matmul_precision(q.dtype), interpret=interpret)
+  u, wk = kernels.prepare(k, v, beta, G, seq, prev, **kw)
+  h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, **kw)
+  o = kernels.output(q, k, v, beta, G, seq, prev, x, h, scale=scale, **kw)
+  return o, hT, (q, k, v, beta, G, seq, prev, wk, h)
+
+
+def _fwd(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
+  o, hT, res = _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret)
+  return (o, hT), res
+
+
+def _bwd(scale, bs, interpret, res, cotangents):
+  q, k, v, beta, G, seq, prev, wk, h = res
+  do, dhT = cotangents
+  kw = dict(scale=scale, bs=bs, precision=matmul_precision(q.dtype), interpret=interpret)
+  dh, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, dhT.astype(jnp.float32), **kw)
+  out = kernels.grads(q, k, v, beta, G, seq, prev, h, dh, do, **kw)
+  L = k.shape[3]
+  dq, dk, dv, dbeta, dG = out[0], out[1:1 + L], out[1 + L:1 + 2 * L], out[1 + 2 * L:1 + 3 * L], out[-1]
+  return (dq.astype(q.dtype), jnp.stack(dk, axis=3).astype(k.dtype),
+          jnp.stack(dv, axis=3).astype(v.dtype), jnp.stack(dbeta, axis=3).astype(beta.dtype),
+          dG, jnp.zeros_like(seq), jnp.zeros_like(prev), dh0)
+
+
+chunked_prism.defvjp(_fwd, _bwd)

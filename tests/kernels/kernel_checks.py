@@ -1,0 +1,88 @@
+"""Shared checks of the Pallas kernels against the sequential reference (values and gradients)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import pallas_prism
+from prism_jax.ops import naive_prism
+from prism_jax.testing import assert_close, random_prism_inputs
+
+# (B, T, H, K, V, L, chunk, initial state, packed segments, dtype)
+CASES = [
+    (2, 1, 1, 32, 32, 1, 16, True, False, jnp.float32),
+    (1, 37, 2, 48, 32, 2, 16, True, True, jnp.float32),
+    (1, 130, 1, 32, 48, 3, 32, False, False, jnp.float32),
+    (1, 37, 1, 32, 32, 2, 16, True, True, jnp.bfloat16),
+]
+
+
+def case_id(c) -> str:
+  B, T, H, K, V, L, C, init, seg, dtype = c
+  return (f"B{B}-T{T}-H{H}-K{K}-V{V}-L{L}-C{C}-{'s0' if init else 'zero'}"
+          f"{'-seg' if seg else ''}-{jnp.dtype(dtype).name}")
+
+
+def random_case(case, seed):
+  """Inputs, segment ids (or None) and random cotangents for o and the final state."""
+  B, T, H, K, V, L, _, init, seg, dtype = case
+  key = jax.random.key(seed)
+  q, k, v, beta, g, s0 = random_prism_inputs(key, B, T, H, K, V, L, dtype, initial_state=init)
+  segment_ids = None
+  if seg:
+    cuts = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.1, (B, T))
+    segment_ids = jnp.cumsum(cuts.astype(jnp.int32), axis=1)
+  do = jax.random.normal(jax.random.fold_in(key, 2), (B, T, H, V))
+  ds = jax.random.normal(jax.random.fold_in(key, 3), (B, H, K, V))
+  return (q, k, v, beta, g, s0), segment_ids, do, ds
+
+
+def _loss_and_grads(fn, inputs, segment_ids, do, ds):
+  """(o, final state, gradients of <o, do> + <S_T, ds> for every input incl. the state)."""
+  q, k, v, beta, g, s0 = inputs
+  with_state = s0 is not None
+
+  def run(q, k, v, beta, g, s0):
+    return fn(q, k, v, beta, g, initial_state=s0 if with_state else None,
+              output_final_state=True, segment_ids=segment_ids)
+
+  def loss(*args):
+    o, final = run(*args)
+    return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * ds)
+
+  s0 = s0 if with_state else jnp.zeros(ds.shape, jnp.float32)
+  args = (q, k, v, beta, g, s0)
+  o, final = jax.jit(run)(*args)
+  grads = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
+  return o, final, grads[:6 if with_state else 5]
+
+
+def check_against_naive(case, *, backend, interpret, backward="pallas", seed=0):
+  """Kernel outputs, final state and every gradient against `naive_prism` in float32.
+
+  The reference runs on the float32 upcast of the (possibly bf16) inputs, so a bf16 kernel
+  result differs from it by its own rounding only: the bf16 tolerance of STYLE.md applies.
+  """
+  C = case[6]
+  inputs, segment_ids, do, ds = random_case(case, seed)
+  kernel = functools.partial(pallas_prism, chunk_size=C, backward=backward, interpret=interpret,
+                             backend=backend)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a fallback to the pure-JAX form must not pass silently
+    o, final, grads = _loss_and_grads(kernel, inputs, segment_ids, do, ds)
+  up = tuple(None if x is None else x.astype(jnp.float32) for x in inputs)
+  o_ref, final_ref, grads_ref = _loss_and_grads(naive_prism, up, segment_ids, do, ds)
+  assert o.dtype == inputs[0].dtype and final.dtype == jnp.float32
+  assert_close("o", o_ref, o)
+  # The state and all gradients are float32 sums of the same terms in another order; with bf16
+  # inputs the kernels' products run at the tensor-core default (TF32) on GPU and the gradients
+  # are rounded to bf16, so the bf16 tolerance applies to them.
+  tol = 2e-5 if inputs[0].dtype == jnp.float32 else 5e-3
+  assert_close("final_state", final_ref, final, tol)
+  for name, ref, got in zip(("dq", "dk", "dv", "dbeta", "dg", "dinitial_state"), grads_ref, grads):
+    assert got.dtype == (jnp.float32 if name == "dinitial_state" else inputs[0].dtype), name
+    assert_close(name, ref, got.astype(jnp.float32), tol)

@@ -1,0 +1,49 @@
+"""GPU kernels in Pallas interpret mode (runs on CPU) against the sequential reference."""
+
+import warnings
+
+import jax
+import pytest
+
+from kernel_checks import CASES, case_id, check_against_naive
+from pallas_kernels import pallas_prism
+from prism_jax.ops import chunk_prism, prism_recurrence
+from prism_jax.testing import assert_close, random_prism_inputs
+
+INTERPRET = True
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_naive(case):
+  check_against_naive(case, backend="gpu", interpret=INTERPRET, seed=len(case_id(case)))
+
+
+def test_jax_backward_matches_naive():
+  check_against_naive(CASES[1], backend="gpu", interpret=INTERPRET, backward="jax", seed=7)
+
+
+def test_dispatch_through_prism_recurrence():
+  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(3), 1, 20, 1, 16, 16, 2)
+  o_ref, s_ref = chunk_prism(q, k, v, beta, g, initial_state=s0, output_final_state=True,
+                             chunk_size=16)
+  o, s = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
+                          chunk_size=16, impl="pallas")
+  assert_close("o", o_ref, o)
+  assert_close("final_state", s_ref, s)
+
+
+def test_unsupported_shape_falls_back_with_one_warning():
+  q, k, v, beta, g, _ = random_prism_inputs(jax.random.key(4), 1, 9, 1, 16, 16, 5)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    o, _ = pallas_prism(q, k, v, beta, g, chunk_size=16, interpret=INTERPRET)
+    pallas_prism(q, k, v, beta, g, chunk_size=16, interpret=INTERPRET)
+  messages = [str(w.message) for w in caught if "falls back" in str(w.message)]
+  assert len(messages) == 1 and "L = 5" in messages[0], messages
+  assert_close("o", chunk_prism(q, k, v, beta, g, chunk_size=16)[0], o)
+
+
+def test_rejects_unknown_backward():
+  q, k, v, beta, g, _ = random_prism_inputs(jax.random.key(5), 1, 4, 1, 16, 16, 1)
+  with pytest.raises(ValueError, match="backward"):
+    pallas_prism(q, k, v, beta, g, backward="autodiff")
