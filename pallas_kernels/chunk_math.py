@@ -89,7 +89,9 @@ def unit_lower_inverse(a):
   inv = (rows == cols).astype(jnp.float32)
   s = 1
   while s < C:
-    couple = ((rows // (2 * s)) == (cols // (2 * s))) & ((rows // s) != (cols // s))
+    level = s.bit_length() - 1  # s = 2^level; shifts keep the masks in integer ops any backend has
+    couple = (((rows >> (level + 1)) == (cols >> (level + 1)))
+              & ((rows >> level) != (cols >> level)))
     e = jnp.where(couple, a, 0.0)
     inv = inv - mm(mm(inv, e, HIGHEST), inv, HIGHEST)
     s *= 2
@@ -225,9 +227,11 @@ def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,
   dbeta[0] = dbeta[0] + dbeta1
 
   # Back to G: D_ij = e^{G_i − G_j}, γ_i = e^{G_i}, e_i = e^{G_C − G_i}, γ_C = γ at row C − 1.
-  # Column sums as a column vector through a product (no 2-D transpose of a row vector).
-  ones = jnp.ones_like(gates.gamma)
-  dG = _rowsum(psi) - mm(psi, ones, HIGHEST, ta=True)
+  C = psi.shape[0]
+  # Column sums as a column vector through the diagonal (no transpose of a row vector).
+  diag = _iota((C, C), 0) == _iota((C, C), 1)
+  colsum = _rowsum(jnp.where(diag, jnp.sum(psi, axis=0, keepdims=True), 0.0))
+  dG = _rowsum(psi) - colsum
   dG = dG + dgamma * gates.gamma - de * gates.to_end
   dG_last = jnp.sum(de * gates.to_end, axis=0, keepdims=True) + dgamma_last * gates.gamma_last
   dG = dG + jnp.where(gates.is_last, dG_last, 0.0)

@@ -142,8 +142,8 @@ def _grads_kernel(*refs, L, scale, precision):
   for r, x in zip(dv_refs, g.dv):
     r[...] = x
   for r, x in zip(dbeta_refs, g.dbeta):
-    r[...] = x[:, 0]
-  dG_ref[...] = g.dG[:, 0]
+    r[...] = x.reshape(-1)
+  dG_ref[...] = g.dG.reshape(-1)
 
 
 # pallas_calls. Shapes: q [B,T,H,K], k [B,T,H,L,K], v [B,T,H,L,V], beta [B,T,H,L],

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call: the compiled GPU kernel tests, then the benchmark table. Logs under $OUT.
+#   bash benchmarks/gpu_check.sh [quick]   (flash-linear-attention wheels carried in .whl/)
+set -o pipefail
+OUT=${OUT:-/tmp/prism_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:$PWD/tests/kernels:${PYTHONPATH:-}
+{ date -u; git log -1 --format=%H 2>/dev/null; nvidia-smi --query-gpu=name,clocks.sm,clocks.mem \
+  --format=csv; python3 -c "import jax, triton; print(jax.__version__, triton.__version__)"; } \
+  2>&1 | tee "$OUT/env.txt"
+python3 -m pytest -x -q -p no:cacheprovider tests/kernels/test_pallas_gpu_compiled.py \
+  --durations=5 2>&1 | tee "$OUT/tests.log"
+if [ "${1:-}" = quick ]; then
+  python3 benchmarks/kernels.py --quick --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+else
+  python3 benchmarks/kernels.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+fi

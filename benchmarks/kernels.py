@@ -1,0 +1,201 @@
+"""Forward and forward+backward times of the PRISM recurrence implementations on one GPU.
+
+    python benchmarks/kernels.py [--quick] [--skip-naive] [--json PATH]
+    python benchmarks/kernels.py --memory     # peak memory of Pallas fwd+bwd, fresh process
+
+Times are medians over samples after warm-up; each sample is the mean of enough back-to-back
+calls to last ~20 ms, closed by a device synchronisation (`block_until_ready`, or the CUDA
+events of `triton.testing.do_bench` for flash-linear-attention). Inputs are bf16 (log-decay
+float32), keys L2-normalised, fresh random data. The floor is max(FLOPs / 790 TFLOP/s,
+bytes / 4.3 TB/s) — the bf16 matrix rate and copy bandwidth measured on this H200 — with FLOPs
+the matrix products of the chunked form (C = 64) and bytes one read of every input and one
+write of every output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from prism_jax.ops import prism_recurrence  # noqa: E402
+
+SHAPES = [(4, 4096, 16, 128), (8, 2048, 8, 64), (1, 16384, 16, 128)]  # B, T, H, K = V
+WRITES = (1, 2, 3)
+MEMORY_SHAPE = (1, 65536, 16, 128, 2)  # B, T, H, K = V, L
+PEAK_FLOPS, PEAK_BYTES = 790e12, 4.3e12
+CHUNK = 64
+
+
+def make_inputs(B, T, H, D, L, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  bf = jnp.bfloat16
+  q = jax.random.normal(ks[0], (B, T, H, D))
+  k = jax.random.normal(ks[1], (B, T, H, L, D))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  v = jax.random.normal(ks[2], (B, T, H, L, D))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H, L)))
+  g = jax.nn.log_sigmoid(3.0 + jax.random.normal(ks[4], (B, T, H)))
+  do = jax.random.normal(ks[5], (B, T, H, D)).astype(bf)
+  return (q.astype(bf), k.astype(bf), v.astype(bf), beta.astype(bf), g), do
+
+
+def forward_fn(impl):
+  def f(q, k, v, beta, g):
+    return prism_recurrence(q, k, v, beta, g, chunk_size=CHUNK, impl=impl)[0]
+  return f
+
+
+def fwd_bwd_fn(impl):
+  f = forward_fn(impl)
+
+  def run(args, do):
+    o, vjp = jax.vjp(f, *args)
+    return o, vjp(do)
+  return run
+
+
+def median_ms(call, target_s=0.02, samples=7):
+  """Median per-call milliseconds of `call()` (which must synchronise the device)."""
+  call()
+  call()
+  t0 = time.perf_counter()
+  call()
+  reps = max(1, min(100, int(target_s / max(time.perf_counter() - t0, 1e-6))))
+  times = []
+  for _ in range(samples):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      call()
+    times.append((time.perf_counter() - t0) / reps)
+  return 1e3 * float(np.median(times))
+
+
+def time_jax(impl, args, do, samples):
+  f = jax.jit(forward_fn(impl))
+  fb = jax.jit(fwd_bwd_fn(impl))
+  fwd = median_ms(lambda: jax.block_until_ready(f(*args)), samples=samples)
+  both = median_ms(lambda: jax.block_until_ready(fb(args, do)), samples=samples)
+  return fwd, both
+
+
+def time_fla(args, do):
+  """flash-linear-attention's chunk_gated_delta_rule (L = 1 only), or None if unavailable."""
+  try:
+    import torch
+    import triton
+    import fla.ops.common.chunk_o as chunk_o
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+  except ImportError as err:
+    print(f"flash-linear-attention unavailable: {err}", file=sys.stderr)
+    return None
+  # Its backward refuses Hopper with Triton < 3.7.1 (a correctness guard); timing only.
+  chunk_o.IS_NVIDIA_HOPPER = False
+  to_t = lambda x, grad=True: torch.from_numpy(np.asarray(x, np.float32)).cuda().to(
+      torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32).requires_grad_(grad)
+  q, k, v, beta, g = args
+  tq, tk, tv = to_t(q), to_t(k[:, :, :, 0]), to_t(v[:, :, :, 0])
+  tb, tg, tdo = to_t(beta[..., 0]), to_t(g), to_t(do, False)
+
+  def fwd():
+    with torch.no_grad():
+      return chunk_gated_delta_rule(tq, tk, tv, tg, tb)[0]
+
+  def both():
+    o = chunk_gated_delta_rule(tq, tk, tv, tg, tb)[0]
+    o.backward(tdo)
+
+  median = lambda fn: float(triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median"))
+  return median(fwd), median(both)
+
+
+def floor_ms(B, T, H, D, L, backward=False):
+  """Lower bound from the chunked form's matrix products and one pass over inputs/outputs."""
+  C, N = CHUNK, B * H * T // CHUNK
+  per_chunk = (L * 2 * C * C * D  # K¹ K^lᵀ
+               + 2 * C * C * 2 * D + (L - 1) * 2 * C * C * D  # U, Wk, M^l W^l
+               + (1 + L) * 2 * C * D * D  # Wk S and the state update
+               + 2 * C * D * D + L * 2 * C * C * D * 2)  # Q S, Q K^lᵀ, P^l Y^l
+  flops = N * per_chunk * (3 if backward else 1)
+  elems = B * T * H * (D + 2 * L * D + L + 1)  # q, k, v, beta, g
+  out = B * T * H * D
+  nbytes = 2 * (elems + out) * (2 if backward else 1) + (2 * out if backward else 0)
+  return 1e3 * max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES)
+
+
+def peak_memory():
+  B, T, H, D, L = MEMORY_SHAPE
+  args, do = make_inputs(B, T, H, D, L)
+  fb = jax.jit(fwd_bwd_fn("pallas"))
+  stats = fb.lower(args, do).compile().memory_analysis()
+  jax.block_until_ready(fb(args, do))
+  peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use", -1)
+  return {"shape": f"B{B} T{T} H{H} K=V={D} L{L}", "peak_bytes_in_use": peak,
+          "temp_bytes": getattr(stats, "temp_size_in_bytes", -1),
+          "argument_bytes": getattr(stats, "argument_size_in_bytes", -1),
+          "output_bytes": getattr(stats, "output_size_in_bytes", -1)}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--quick", action="store_true", help="first shape, L = 1 and 2 only")
+  parser.add_argument("--skip-naive", action="store_true")
+  parser.add_argument("--memory", action="store_true")
+  parser.add_argument("--json", default=None)
+  a = parser.parse_args()
+  if a.memory:
+    print(json.dumps(peak_memory()))
+    return
+  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
+  rows = []
+  shapes = SHAPES[:1] if a.quick else SHAPES
+  for B, T, H, D in shapes:
+    fla = None
+    for L in ((1, 2) if a.quick else WRITES):
+      args, do = make_inputs(B, T, H, D, L)
+      if L == 1:
+        try:
+          fla = time_fla(args, do)
+        except Exception as err:  # keep the JAX rows when the PyTorch side breaks
+          print(f"fla failed: {err!r}"[:3000], file=sys.stderr)
+      row = {"shape": f"B{B} T{T} H{H} K=V={D}", "L": L}
+      for impl in (("chunk", "pallas") if a.skip_naive else ("naive", "chunk", "pallas")):
+        try:
+          row[impl] = time_jax(impl, args, do, samples=3 if impl == "naive" else 7)
+        except Exception as err:  # one failing implementation must not hide the others
+          print(f"{impl} L={L} failed: {err!r}"[:3000], file=sys.stderr)
+          row[impl] = None
+      row["fla_L1"] = fla
+      row["floor"] = (floor_ms(B, T, H, D, L), floor_ms(B, T, H, D, L, backward=True))
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  memory = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory"],
+                          capture_output=True, text=True)
+  mem = json.loads(memory.stdout.strip().splitlines()[-1]) if memory.returncode == 0 else {
+      "error": memory.stderr[-2000:]}
+  print(json.dumps({"memory": mem}))
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump({"rows": rows, "memory": mem}, f, indent=1)
+  fmt = lambda t: "-" if t is None else f"{t[0]:.2f} / {t[1]:.2f}"
+  print("\n| shape | L | naive | chunk | pallas | fla (L=1) | pallas / fla | floor |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    ratio = ("-" if r["fla_L1"] is None or r["pallas"] is None else
+             f"{r['pallas'][0] / r['fla_L1'][0]:.2f} / {r['pallas'][1] / r['fla_L1'][1]:.2f}")
+    print(f"| {r['shape']} | {r['L']} | {fmt(r.get('naive'))} | {fmt(r['chunk'])} | "
+          f"{fmt(r['pallas'])} | {fmt(r['fla_L1'])} | {ratio} | {fmt(r['floor'])} |")
+
+
+if __name__ == "__main__":
+  main()

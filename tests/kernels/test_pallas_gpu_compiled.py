@@ -1,0 +1,34 @@
+"""The GPU kernels compiled for a real GPU (skipped without one): the interpret-mode cases, plus
+L = 4 and the acceptance shape B4 T4096 H16 K=V=128 L=2 bf16 against the sequential reference."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernel_checks import CASES, case_id, check_against_naive
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"),
+]
+
+GPU_CASES = CASES + [
+    (2, 300, 3, 96, 96, 4, 64, True, True, jnp.float32),
+    (2, 1000, 4, 64, 64, 2, 64, True, True, jnp.bfloat16),
+    (1, 517, 2, 128, 128, 3, 64, True, False, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_compiled_matches_naive(case):
+  check_against_naive(case, backend="gpu", interpret=False, seed=len(case_id(case)))
+
+
+def test_compiled_jax_backward_matches_naive():
+  check_against_naive(GPU_CASES[-1], backend="gpu", interpret=False, backward="jax", seed=5)
+
+
+@pytest.mark.slow
+def test_acceptance_shape():
+  check_against_naive((4, 4096, 16, 128, 128, 2, 64, True, False, jnp.bfloat16), backend="gpu",
+                      interpret=False, seed=1)
