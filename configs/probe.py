@@ -1,0 +1,26 @@
+"""Mechanistic probing (spec §7): D = 16, vocab 64, length 128, PRISM L = 2, 10k steps.
+
+The task generators live in prism_jax.data.synthetic (data.probe_task picks one).
+"""
+
+from configs.base import base_config
+from prism_jax.models import ModelConfig
+
+
+def get_config():
+  model = ModelConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=1, head_dim=16,
+                      mixer_pattern=("prism",), solver_steps=2, chunk_size=32)
+  c = base_config("probe", model)
+  c.preset = "probe"
+  c.data.seq_len = 128
+  c.data.batch_size = 64
+  c.data.probe_task = "parity"
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 200
+  c.optim.weight_decay = 0.0
+  c.train.steps = 10000
+  c.train.log_every = 100
+  c.train.eval_every = 1000
+  c.train.checkpoint_every = 1000
+  c.sample.max_new_tokens = 0
+  return c

@@ -1,0 +1,125 @@
+"""Orbax checkpoints of the train state: async, atomic, the last k plus the best by eval loss.
+
+A checkpoint step directory holds "state" (params, optimizer state, step, RNG, counters as
+arrays) and "meta" (JSON: data position, corpus fingerprint, model config). Restoring takes an
+abstract state whose leaves carry the target shardings, so a checkpoint written on one mesh
+loads onto any other.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used; the message says what to do."""
+
+
+def _checkpoint_dir(path: str) -> str:
+  """Accept a run directory (with checkpoints/ inside) or the checkpoint directory itself."""
+  inner = os.path.join(path, "checkpoints")
+  return inner if os.path.isdir(inner) else path
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with this project's layout and error messages."""
+
+  def __init__(self, directory: str, keep: int = 3, use_async: bool = True,
+               read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    policy = policies.AnyPreservationPolicy([
+        policies.LatestN(n=keep),
+        policies.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, enable_async_checkpointing=use_async, create=not read_only,
+        read_only=read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: dict, meta: dict, metrics: dict | None = None) -> None:
+    """Start saving (returns at once when async); an existing step is left as it is."""
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)),
+                      metrics=metrics, force=True)
+
+  def read_meta(self, step: int) -> dict:
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+      raise CheckpointError(_corrupt(self.directory, step, e)) from e
+
+  def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
+    """(state, meta) of `step`, placed as the shardings in `abstract_state` say."""
+    meta = self.read_meta(step)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))["state"]
+    except Exception as e:
+      raise CheckpointError(_corrupt(self.directory, step, e)) from e
+    check_shapes(restored, abstract_state, f"{self.directory} step {step}")
+    return restored, meta
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _corrupt(directory: str, step: int, error: Exception) -> str:
+  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return (f"checkpoint {directory}/{step} cannot be read ({type(error).__name__}: {first[:200]}); "
+          f"delete that step directory to fall back to an earlier one, or use a new run_dir")
+
+
+def check_shapes(restored, abstract, where: str) -> None:
+  """CheckpointError if any leaf's shape differs from the target's (a different model)."""
+  flat_r, _ = jax.tree_util.tree_flatten_with_path(restored)
+  flat_a = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
+  for path, leaf in flat_r:
+    want = flat_a.get(path)
+    if want is not None and tuple(np.shape(leaf)) != tuple(want.shape):
+      raise CheckpointError(
+          f"checkpoint {where} is incompatible with this model: {jax.tree_util.keystr(path)} has "
+          f"shape {tuple(np.shape(leaf))}, the model wants {tuple(want.shape)}; use the run's own "
+          "model config or a new run_dir")
+
+
+def restore_params(path: str, abstract_params) -> tuple[dict, int]:
+  """Weights only (for `init_from`): the params of the latest checkpoint under `path`."""
+  directory = _checkpoint_dir(path)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"init_from={path!r} is not a directory; give a run directory or its "
+                          "checkpoints/ directory")
+  ckpt = Checkpointer(directory, read_only=True, use_async=False)
+  step = ckpt.latest_step()
+  if step is None:
+    raise CheckpointError(f"init_from={path!r} holds no finished checkpoint")
+  try:
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item={"params": abstract_params},
+            restore_args={"params": jax.tree.map(
+                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                               dtype=a.dtype), abstract_params)},
+            partial_restore=True)))["state"]
+  except Exception as e:
+    raise CheckpointError(_corrupt(directory, step, e)) from e
+  check_shapes(restored["params"], abstract_params, f"{directory} step {step}")
+  return restored["params"], step
