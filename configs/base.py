@@ -122,6 +122,6 @@ def base_config(task: str, model_config) -> ml_collections.ConfigDict:
   c.distributed.cpu_collectives = "gloo"
 
   c.debug = ml_collections.ConfigDict()
-  c.debug.nan_steps = (-1,)      # steps whose loss is replaced by NaN (robustness tests)
+  c.debug.nan_steps = (-1,)      # update numbers (1-based, as logged) whose loss is made NaN
   c.debug.sleep_per_step = 0.0   # seconds; slows a run down so tests can interrupt it
   return c

@@ -44,9 +44,13 @@ def _read_files(root: str, relpaths: list[str], val_percent: float, description:
       data = f.read()
     sha.update(rel.encode("utf-8") + b"\0" + len(data).to_bytes(8, "little") + data)
     (val_parts if _is_validation(rel, val_percent) else train_parts).append(data)
-  if len(relpaths) > 1 and (not train_parts or not val_parts):
-    raise ValueError(f"data.val_percent={val_percent} put all {len(relpaths)} files of {root} on "
-                     "one side of the split; choose a value strictly between 0 and 100")
+  if not train_parts or not val_parts:
+    # Too few files for a split by file: hold out the tail of the whole stream instead.
+    logging.warning("the path-hash split of %d files under %s leaves one side empty; holding "
+                    "out the last %.1f%% of the concatenated text instead", len(relpaths), root,
+                    val_percent)
+    tokens = np.frombuffer(b"".join(train_parts + val_parts), dtype=np.uint8)
+    return _single_stream(tokens, val_percent, 256, sha.hexdigest()[:16], description, True)
   train = np.frombuffer(b"".join(train_parts), dtype=np.uint8)
   val = np.frombuffer(b"".join(val_parts), dtype=np.uint8)
   return TextCorpus(train, val, 256, sha.hexdigest()[:16], description, byte_level=True)

@@ -204,13 +204,15 @@ class Trainer:
           jax.profiler.start_trace(os.path.join(self.run_dir, "profile"))
           profiling = True
         batch = self._global(self.task.train_batch(step))
-        state, metrics = self.train_step(state, batch, jnp.asarray(step in nan_steps))
         done = step + 1
+        state, metrics = self.train_step(state, batch, jnp.asarray(done in nan_steps))
         if profiling and done > prof_last:
           jax.block_until_ready(state)
           jax.profiler.stop_trace()
           profiling = False
         metrics = jax.device_get(metrics)
+        if cfg.debug.sleep_per_step:
+          time.sleep(cfg.debug.sleep_per_step)
         window_tokens += float(metrics["tokens"])
         bar.update(1)
         if not metrics["finite"]:

@@ -96,3 +96,12 @@ def test_stdlib_corpus_default():
   windows = text.eval_windows(corpus.val, 32, 5)
   assert windows.shape == (5, 33)
   np.testing.assert_array_equal(windows, text.eval_windows(corpus.val, 32, 5))
+
+
+def test_few_files_fall_back_to_tail_split(tmp_path):
+  files = {"a.py": b"x = 1\n" * 100, "b.py": b"y = 2\n" * 100}
+  _write_tree(tmp_path, files)
+  assert not any(text._is_validation(r, 10) for r in files)
+  corpus = text.load_text_corpus(str(tmp_path), val_percent=10)
+  assert corpus.train.tobytes() + corpus.val.tobytes() == files["a.py"] + files["b.py"]
+  assert len(corpus.val) == 120
