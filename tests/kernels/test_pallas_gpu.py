@@ -7,7 +7,7 @@ import pytest
 
 from kernel_checks import CASES, case_id, check_against_naive
 from pallas_kernels import pallas_prism
-from prism_jax.ops import chunk_prism, prism_recurrence
+from prism_jax.ops import chunk_prism
 from prism_jax.testing import assert_close, random_prism_inputs
 
 INTERPRET = True
@@ -20,16 +20,6 @@ def test_matches_naive(case):
 
 def test_jax_backward_matches_naive():
   check_against_naive(CASES[1], backend="gpu", interpret=INTERPRET, backward="jax", seed=7)
-
-
-def test_dispatch_through_prism_recurrence():
-  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(3), 1, 20, 1, 16, 16, 2)
-  o_ref, s_ref = chunk_prism(q, k, v, beta, g, initial_state=s0, output_final_state=True,
-                             chunk_size=16)
-  o, s = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
-                          chunk_size=16, impl="pallas")
-  assert_close("o", o_ref, o)
-  assert_close("final_state", s_ref, s)
 
 
 def test_unsupported_shape_falls_back_with_one_warning():
