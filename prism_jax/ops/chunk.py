@@ -28,12 +28,45 @@ import jax.numpy as jnp
 from prism_jax.ops.utils import einsum32, segment_starts
 
 
-def _unit_lower_inverse(a: jax.Array) -> jax.Array:
-  """(I + A)⁻¹ for strictly lower-triangular A [..., C, C], by triangular solve in float32."""
+def _product_inverse(a: jax.Array) -> jax.Array:
+  """(I + A)⁻¹ for strictly lower-triangular A [..., c, c] as a product of ⌈log₂ c⌉ factors.
+
+  A is nilpotent (A^c = 0), so (I + A)⁻¹ = Σ_n (−A)^n = (I − A)(I + A²)(I + A⁴)···(I + A^{2^m})
+  with 2^{m+1} ≥ c. Every factor is needed: dropping one truncates the series.
+  """
+  c = a.shape[-1]
+  eye = jnp.eye(c, dtype=a.dtype)
+  inverse = eye - a
+  power = a
+  for _ in range(max(c - 1, 1).bit_length() - 1):
+    power = einsum32("...ij,...jk->...ik", power, power)  # A^{2^i}
+    inverse = einsum32("...ij,...jk->...ik", inverse, eye + power)
+  return inverse
+
+
+def _unit_lower_inverse(a: jax.Array, block: int = 16) -> jax.Array:
+  """(I + A)⁻¹ for strictly lower-triangular A [..., C, C], in full float32.
+
+  The diagonal blocks (block × block) are inverted by `_product_inverse`, then block rows are
+  merged by forward substitution: X_ij = −X_ii Σ_{j≤m<i} A_im X_mj. This costs about C³/3
+  multiply-adds instead of the ~2·log₂C·C³ of the product form on the whole matrix.
+  """
   C = a.shape[-1]
-  eye = jnp.broadcast_to(jnp.eye(C, dtype=a.dtype), a.shape)
-  return jax.scipy.linalg.solve_triangular(
-      eye + a, eye, lower=True, unit_diagonal=True)
+  if C <= block:
+    return _product_inverse(a)
+  n = C // block
+  blocks = jnp.stack([a[..., i * block:(i + 1) * block, i * block:(i + 1) * block]
+                      for i in range(n)], axis=-3)
+  diag = _product_inverse(blocks)  # [..., n, block, block]
+  inverse = diag[..., 0, :, :]
+  for i in range(1, n):
+    rows = slice(i * block, (i + 1) * block)
+    off = -einsum32("...ij,...jk->...ik", diag[..., i, :, :],
+                    einsum32("...ij,...jk->...ik", a[..., rows, :i * block], inverse))
+    top = jnp.concatenate([inverse, jnp.zeros((*inverse.shape[:-1], block), a.dtype)], axis=-1)
+    bottom = jnp.concatenate([off, diag[..., i, :, :]], axis=-1)
+    inverse = jnp.concatenate([top, bottom], axis=-2)
+  return inverse
 
 
 def _pad_time(x: jax.Array, pad: int) -> jax.Array:
@@ -71,44 +104,45 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
 
   f32 = lambda x: _pad_time(x.astype(jnp.float32), pad)
   q = _chunk_major(f32(q), C) * scale  # [B, H, N, C, K]
-  k = _chunk_major(f32(k), C)  # [B, H, N, C, L, K]
-  v = _chunk_major(f32(v), C)  # [B, H, N, C, L, V]
-  beta = _chunk_major(f32(beta), C)  # [B, H, N, C, L]
   g = _chunk_major(f32(g), C)  # [B, H, N, C]
+  # The L write keys/values of a chunk are stacked along the position axis, write-major
+  # (row l·C + i is write l of position i), so each product with all keys is one matmul.
+  stack = lambda x: jnp.moveaxis(_chunk_major(f32(x), C), 4, 3).reshape(B, H, N, L * C, -1)
+  keys = stack(k)  # [B, H, N, L·C, K]
+  w = stack(beta[..., None] * v)  # W^l = β^l δ^l: [B, H, N, L·C, V]
+  b1 = _chunk_major(f32(beta[..., 0]), C)  # [B, H, N, C]
+  k1 = keys[..., :C, :]  # K₁: [B, H, N, C, K]
   seq = seq_index.reshape(B, 1, N, C)
   # The sequence index just before each chunk (the chunk's incoming state); chunk 0 continues
   # the initial state into the first sequence.
   seq_before = jnp.concatenate([seq[:, :, :1, 0], seq[:, :, :-1, -1]], axis=2)  # [B, 1, N]
 
-  k1, b1 = k[..., 0, :], beta[..., 0]  # [B, H, N, C, K], [B, H, N, C]
-  w = beta[..., None] * v  # W^l: [B, H, N, C, L, V]
-
   G = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
   same_seq = seq[..., :, None] == seq[..., None, :]  # [B, 1, N, C, C]
   causal = jnp.tril(jnp.ones((C, C), dtype=bool))
-  strict = jnp.tril(jnp.ones((C, C), dtype=bool), -1)
   # Mask the exponent before exp so no gradient ever meets exp(+large) · 0.
   diff = G[..., :, None] - G[..., None, :]
   decay = jnp.exp(jnp.where(causal & same_seq, diff, -jnp.inf))  # D: [B, H, N, C, C]
   gamma = jnp.exp(jnp.where(seq == seq_before[..., None], G, -jnp.inf))  # [B, H, N, C]
   to_end = jnp.exp(jnp.where(seq == seq[..., -1:], G[..., -1:] - G, -jnp.inf))  # [B, H, N, C]
   gamma_end = gamma[..., -1]  # [B, H, N]
+  decay_all = jnp.tile(decay, (1, 1, 1, 1, L))  # D repeated for every write: [B, H, N, C, L·C]
+  strict_all = jnp.tile(jnp.tril(jnp.ones((C, C), dtype=bool), -1), (1, L))  # [C, L·C]
 
-  # Intra-chunk products, all chunks at once.
-  kk = einsum32("bhnik,bhnjlk->bhnlij", k1, k)  # K₁ K^lᵀ: [B, H, N, L, C, C]
-  qk = einsum32("bhnik,bhnjlk->bhnlij", q, k)  # Q K^lᵀ: [B, H, N, L, C, C]
-  a_all = jnp.where(strict, b1[:, :, :, None, :, None] * kk * decay[:, :, :, None], 0.0)
-  inv = _unit_lower_inverse(a_all[:, :, :, 0])  # (I + A)⁻¹: [B, H, N, C, C]
-  rhs = w[..., 0, :] - einsum32("bhnlij,bhnjlv->bhniv", a_all[:, :, :, 1:], w[..., 1:, :])
+  # Intra-chunk work, all chunks at once.
+  a_all = jnp.where(strict_all, b1[..., None] * einsum32("bhnik,bhnjk->bhnij", k1, keys)
+                    * decay_all, 0.0)  # [A | M² | … | M^L]: [B, H, N, C, L·C]
+  inv = _unit_lower_inverse(a_all[..., :C])  # (I + A)⁻¹: [B, H, N, C, C]
+  rhs = w[..., :C, :] - einsum32("bhnij,bhnjv->bhniv", a_all[..., C:], w[..., C:, :])
   u = einsum32("bhnij,bhnjv->bhniv", inv, rhs)  # [B, H, N, C, V]
   wk = einsum32("bhnij,bhnjk->bhnik", inv, (b1 * gamma)[..., None] * k1)  # [B, H, N, C, K]
-  attn = jnp.where(causal, qk * decay[:, :, :, None], 0.0)  # [B, H, N, L, C, C]
+  attn = einsum32("bhnik,bhnjk->bhnij", q, keys) * decay_all  # lower((Q K^lᵀ) ⊙ D): [.., C, L·C]
 
-  k_end = k * to_end[..., None, None]  # K^l ⊙ e^{G_C − G}: [B, H, N, C, L, K]
+  k_end = keys * jnp.tile(to_end, (1, 1, 1, L))[..., None]  # K^l ⊙ e^{G_C − G}
   eye = jnp.eye(K, dtype=jnp.float32)
-  F = gamma_end[..., None, None] * eye - einsum32("bhnck,bhncj->bhnkj", k_end[..., 0, :], wk)
-  E = (einsum32("bhnck,bhncv->bhnkv", k_end[..., 0, :], u)
-       + einsum32("bhnclk,bhnclv->bhnkv", k_end[..., 1:, :], w[..., 1:, :]))
+  F = gamma_end[..., None, None] * eye - einsum32("bhnck,bhncj->bhnkj", k_end[..., :C, :], wk)
+  E = (einsum32("bhnck,bhncv->bhnkv", k_end[..., :C, :], u)
+       + einsum32("bhnck,bhncv->bhnkv", k_end[..., C:, :], w[..., C:, :]))
 
   state0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
             else initial_state.astype(jnp.float32))
@@ -123,7 +157,7 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
 
   x = u - einsum32("bhnck,bhnkv->bhncv", wk, states)  # new values X
   o = (einsum32("bhnck,bhnkv->bhncv", gamma[..., None] * q, states)
-       + einsum32("bhnij,bhnjv->bhniv", attn[:, :, :, 0], x)
-       + einsum32("bhnlij,bhnjlv->bhniv", attn[:, :, :, 1:], w[..., 1:, :]))
+       + einsum32("bhnij,bhnjv->bhniv", attn[..., :C], x)
+       + einsum32("bhnij,bhnjv->bhniv", attn[..., C:], w[..., C:, :]))
   o = jnp.moveaxis(o.reshape(B, H, N * C, V), 1, 2)[:, :T]  # [B, T, H, V]
   return o.astype(out_dtype), (final if output_final_state else None)
