@@ -41,8 +41,8 @@ def setup_distributed(cfg) -> None:
     return
   if jax.distributed.is_initialized():
     return
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
+  # Only read by the CPU backend; asking which backend is in use would start it too early.
+  jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
   jax.distributed.initialize(
       coordinator_address=dist.coordinator_address or env_address or None,
       num_processes=dist.num_processes or None,
@@ -114,8 +114,8 @@ class Trainer:
     example = task.train_batch(0)
     self.batch_sharding = {k: shd.batch_sharding(mesh, v.ndim) for k, v in example.items()}
     self.train_step = jax.jit(
-        make_train_step(loss_sum, self.tx, cfg.optim.grad_accum, self.schedule),
-        in_shardings=(self.state_sharding, self.batch_sharding, repl),
+        make_train_step(loss_sum, self.tx, cfg.optim.grad_accum),
+        in_shardings=(self.state_sharding, self.batch_sharding, repl, repl),
         out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
     eval_example = task.eval_batches()[0]
     eval_sharding = {k: shd.batch_sharding(mesh, v.ndim) for k, v in eval_example.items()}
@@ -181,6 +181,7 @@ class Trainer:
                         t.async_checkpoints)
     state = self.initial_state(ckpt, say)
     start = int(jax.device_get(state["step"]))
+    applied = start - int(jax.device_get(state["skipped"]))   # updates the schedule has seen
     if self.lead:
       os.makedirs(self.run_dir, exist_ok=True)
       with open(os.path.join(self.run_dir, "config.json"), "w") as f:
@@ -205,12 +206,16 @@ class Trainer:
           profiling = True
         batch = self._global(self.task.train_batch(step))
         done = step + 1
-        state, metrics = self.train_step(state, batch, jnp.asarray(done in nan_steps))
+        lr = float(self.schedule(applied))
+        state, metrics = self.train_step(state, batch, jnp.float32(lr),
+                                         jnp.asarray(done in nan_steps))
         if profiling and done > prof_last:
           jax.block_until_ready(state)
           jax.profiler.stop_trace()
           profiling = False
         metrics = jax.device_get(metrics)
+        metrics["lr"] = lr
+        applied += int(metrics["finite"])
         if cfg.debug.sleep_per_step:
           time.sleep(cfg.debug.sleep_per_step)
         window_tokens += float(metrics["tokens"])

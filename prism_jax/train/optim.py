@@ -38,10 +38,16 @@ def decay_mask(params, decay_embeddings: bool = False, decay_norms_and_biases: b
 
 def make_optimizer(optim, total_steps: int, params) -> tuple[optax.GradientTransformation,
                                                                optax.Schedule]:
-  """The optimizer of the `optim` config section; `params` (or their shapes) fix the mask."""
+  """(transform, schedule) for the `optim` config section; `params` (or shapes) fix the mask.
+
+  The transform is AdamW without its learning rate: clip(g) -> Adam direction m̂ / (√v̂ + ε)
+  -> + weight_decay · p on masked leaves. The step multiplies by -lr(s), with lr(s) computed
+  on the host from `schedule`, so the compiled step does not depend on the schedule's
+  settings and skipped (non-finite) steps do not advance it.
+  """
   schedule = lr_schedule(optim.lr, optim.warmup_steps, total_steps, optim.min_lr_ratio)
   mask = decay_mask(params, optim.decay_embeddings, optim.decay_norms_and_biases)
   parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
-  parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                           weight_decay=optim.weight_decay, mask=mask))
+  parts += [optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
+            optax.add_decayed_weights(optim.weight_decay, mask)]
   return optax.chain(*parts), schedule

@@ -35,11 +35,14 @@ def _split_micro(batch: dict, grad_accum: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_sum_fn: LossSumFn, tx: optax.GradientTransformation, grad_accum: int,
-                    schedule: optax.Schedule):
-  """step(state, batch, poison) -> (state, metrics); `poison` (bool) makes the loss NaN."""
+def make_train_step(loss_sum_fn: LossSumFn, tx: optax.GradientTransformation, grad_accum: int):
+  """step(state, batch, lr, poison) -> (state, metrics).
 
-  def step(state: dict, batch: dict, poison: jax.Array):
+  `tx` is the optimizer without its learning rate; the update is p <- p - lr · tx(g).
+  `poison` (bool) makes the loss NaN (a test hook for the non-finite path).
+  """
+
+  def step(state: dict, batch: dict, lr: jax.Array, poison: jax.Array):
     params = state["params"]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     poison_scale = jnp.where(poison, jnp.nan, 1.0).astype(jnp.float32)
@@ -65,13 +68,11 @@ def make_train_step(loss_sum_fn: LossSumFn, tx: optax.GradientTransformation, gr
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
     loss = loss_sum / count
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
+    direction, new_opt = tx.update(grads, state["opt_state"], params)
+    new_params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, direction)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    # Skipped steps do not advance the optimizer's counter, so the schedule reads that counter.
-    count_before = optax.tree_utils.tree_get_all_with_path(state["opt_state"], "count")[0][1]
     new_state = {
         "params": keep(new_params, params),
         "opt_state": keep(new_opt, state["opt_state"]),
@@ -80,8 +81,7 @@ def make_train_step(loss_sum_fn: LossSumFn, tx: optax.GradientTransformation, gr
         "bad_in_row": jnp.where(finite, 0, state["bad_in_row"] + 1),
         "skipped": state["skipped"] + (~finite).astype(jnp.int32),
     }
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(count_before),
-               "finite": finite, "tokens": count}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": count}
     return new_state, metrics
 
   return step
