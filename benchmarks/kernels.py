@@ -81,10 +81,12 @@ def median_ms(call, target_s=0.02, samples=7):
   return 1e3 * float(np.median(times))
 
 
-def time_jax(impl, args, do, samples):
+def time_jax(impl, args, do, samples, backward=True):
   f = jax.jit(forward_fn(impl))
-  fb = jax.jit(fwd_bwd_fn(impl))
   fwd = median_ms(lambda: jax.block_until_ready(f(*args)), samples=samples)
+  if not backward:
+    return fwd, None
+  fb = jax.jit(fwd_bwd_fn(impl))
   both = median_ms(lambda: jax.block_until_ready(fb(args, do)), samples=samples)
   return fwd, both
 
@@ -146,13 +148,65 @@ def peak_memory():
           "output_bytes": getattr(stats, "output_size_in_bytes", -1)}
 
 
+def compile_check(configs, writes=(1, 3), B=1, T=256, H=2, D=128):
+  """Compile every GPU kernel alone for each tiling; print which fit (Triton shared memory)."""
+  from pallas_kernels.gpu import kernels as gk
+  from pallas_kernels.prism import kernel_inputs
+  ok = {}
+  for cfg in configs:
+    block_v, warps, stages = cfg
+    bs = gk.BlockSizes(chunk=CHUNK, block_v=block_v, num_warps=warps, num_stages=stages)
+    for L in writes:
+      (q, k, v, beta, g), do = make_inputs(B, T, H, D, L)
+      G, seq, prev = kernel_inputs(g, None, B, T, CHUNK)
+      kw = dict(bs=bs, precision=None, interpret=False)
+      f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+      N = T // CHUNK
+      h = f32(B, H, N * D, D)
+      stages_fns = {
+          "prepare": (lambda: jax.jit(lambda *a: gk.prepare(*a, **kw)).lower(
+              k, v, beta, G, seq, prev)),
+          "state_forward": (lambda: jax.jit(lambda *a: gk.state_forward(*a, **kw)).lower(
+              k, v, beta, G, seq, prev, f32(B, T, H, D), f32(B, T, H, D), f32(B, H, D, D))),
+          "output": (lambda: jax.jit(lambda *a: gk.output(*a, scale=0.1, **kw)).lower(
+              q, k, v, beta, G, seq, prev, f32(B, T, H, D), h)),
+          "state_backward": (lambda: jax.jit(lambda *a: gk.state_backward(
+              *a, scale=0.1, **kw)).lower(q, k, G, seq, prev, f32(B, T, H, D), do,
+                                         f32(B, H, D, D))),
+          "grads": (lambda: jax.jit(lambda *a: gk.grads(*a, scale=0.1, **kw)).lower(
+              q, k, v, beta, G, seq, prev, h, h, do)),
+      }
+      for name, lower in stages_fns.items():
+        try:
+          lower().compile()
+          res = "ok"
+        except Exception as err:  # report and go on: the point is the table
+          res = str(err).split("\n")[0][-90:]
+        ok[(cfg, L, name)] = res == "ok"
+        print(f"compile {cfg} L={L} {name}: {res}", flush=True)
+  good = [c for c in configs if all(ok[(c, L, n)] for L in writes
+                                    for n in ("prepare", "state_forward", "output",
+                                              "state_backward", "grads"))]
+  print("configs that compile:", good)
+  return good
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true", help="first shape, L = 1 and 2 only")
   parser.add_argument("--skip-naive", action="store_true")
   parser.add_argument("--memory", action="store_true")
   parser.add_argument("--json", default=None)
+  parser.add_argument("--compile-check", default=None,
+                      help='tilings to try, e.g. "64,4,2;32,4,1"; the first that compiles is '
+                           'written to stdout as PRISM_GPU_BLOCKS=...')
   a = parser.parse_args()
+  if a.compile_check:
+    configs = [tuple(int(x) for x in c.split(",")) for c in a.compile_check.split(";")]
+    good = compile_check(configs)
+    if good:
+      print("PRISM_GPU_BLOCKS=" + ",".join(map(str, good[0])))
+    return
   if a.memory:
     print(json.dumps(peak_memory()))
     return
@@ -171,7 +225,10 @@ def main():
       row = {"shape": f"B{B} T{T} H{H} K=V={D}", "L": L}
       for impl in (("chunk", "pallas") if a.skip_naive else ("naive", "chunk", "pallas")):
         try:
-          row[impl] = time_jax(impl, args, do, samples=3 if impl == "naive" else 7)
+          # The sequential scan keeps every per-step state for its backward (tens of GiB at
+          # these shapes): forward only.
+          row[impl] = time_jax(impl, args, do, samples=3 if impl == "naive" else 7,
+                               backward=impl != "naive")
         except Exception as err:  # one failing implementation must not hide the others
           print(f"{impl} L={L} failed: {err!r}"[:3000], file=sys.stderr)
           row[impl] = None
@@ -187,7 +244,8 @@ def main():
   if a.json:
     with open(a.json, "w") as f:
       json.dump({"rows": rows, "memory": mem}, f, indent=1)
-  fmt = lambda t: "-" if t is None else f"{t[0]:.2f} / {t[1]:.2f}"
+  ms = lambda x: "-" if x is None else f"{x:.2f}"
+  fmt = lambda t: "-" if t is None else f"{ms(t[0])} / {ms(t[1])}"
   print("\n| shape | L | naive | chunk | pallas | fla (L=1) | pallas / fla | floor |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:

@@ -29,7 +29,10 @@ HIGHEST = lax.Precision.HIGHEST
 
 
 def mm(a, b, precision, *, ta=False, tb=False):
-  """a @ b (aᵀ if ta, bᵀ if tb) of 2-D arrays with a float32 result."""
+  """a @ b (aᵀ if ta, bᵀ if tb) of 2-D arrays with a float32 result. Operands of one dtype
+  (bf16 keys against bf16 keys) stay in it; mixed operands are both taken to float32."""
+  if a.dtype != b.dtype:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 

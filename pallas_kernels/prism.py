@@ -12,6 +12,7 @@ carries the cotangents through the padding and the cumulative sum.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import jax
@@ -94,9 +95,25 @@ def _run_kernels(q, k, v, beta, g, h0, segment_ids, *, scale, chunk, backend, in
                           interpret=interpret)
   else:
     from pallas_kernels.gpu import prism as gpu_prism
-    bs = gpu_prism.BlockSizes(chunk=chunk)
+    bs = gpu_block_sizes(chunk, interpret)
     o, hT = gpu_prism.chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret)
   return o[:, :T, :, :V], hT[:, :, :K, :V]
+
+
+def gpu_block_sizes(chunk: int, interpret: bool):
+  """GPU tiling: PRISM_GPU_BLOCKS="block_v,num_warps,num_stages" overrides the default (for
+  tuning runs). Interpret mode splits V into blocks of 16 so CPU tests cover the value-block
+  partial sums."""
+  from pallas_kernels.gpu.kernels import BlockSizes
+  spec = os.environ.get("PRISM_GPU_BLOCKS")
+  if spec:
+    try:
+      block_v, num_warps, num_stages = (int(x) for x in spec.split(","))
+    except ValueError as err:
+      raise ValueError(f'PRISM_GPU_BLOCKS must be "block_v,num_warps,num_stages", got {spec!r}'
+                       ) from err
+    return BlockSizes(chunk=chunk, block_v=block_v, num_warps=num_warps, num_stages=num_stages)
+  return BlockSizes(chunk=chunk, block_v=16) if interpret else BlockSizes(chunk=chunk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))

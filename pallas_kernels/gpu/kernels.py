@@ -29,7 +29,7 @@ from pallas_kernels import chunk_math as cm
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiling of the GPU kernels. chunk: positions per chunk (C); block_v: value columns per
-  program of the sequential passes; num_warps / num_stages: Triton launch parameters."""
+  program (every kernel splits V); num_warps / num_stages: Triton launch parameters."""
   chunk: int = 64
   block_v: int = 64
   num_warps: int = 4
@@ -70,7 +70,7 @@ def _prepare_kernel(*refs, L, precision):
   k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, u_ref, wk_ref) = _split(
       refs, (L, L, L, 5))
   gates = _gates(G_ref, seq_ref, prev_ref)
-  k = [r[...].astype(jnp.float32) for r in k_refs]
+  k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ and Q K^lᵀ stay bf16 products for bf16
   w = [_col(b[...]) * r[...].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
   intra = cm.intra_chunk(k, w, _col(beta_refs[0][...]), gates, precision)
   u_ref[...] = intra.u
@@ -87,7 +87,7 @@ def _state_forward_kernel(*refs, L, C, precision):
   def body(n, state):
     sl = pl.ds(n * C, C)
     gates = _gates(G_ref, seq_ref, prev_ref, sl)
-    k = [r[sl, :].astype(jnp.float32) for r in k_refs]
+    k = [r[sl, :] for r in k_refs]
     w = [_col(b[sl]) * r[sl, :].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
     h_ref[pl.ds(n * K, K), :] = state
     x = u_ref[sl, :] - cm.mm(wk_ref[sl, :], state, precision)
@@ -102,7 +102,7 @@ def _output_kernel(*refs, L, scale, precision):
       refs, (1, L, L, L, 6))
   gates = _gates(G_ref, seq_ref, prev_ref)
   q = q_ref[...].astype(jnp.float32) * scale
-  k = [r[...].astype(jnp.float32) for r in k_refs]
+  k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ and Q K^lᵀ stay bf16 products for bf16
   w = [_col(b[...]) * r[...].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
   o = cm.chunk_output(q, h_ref[...], x_ref[...], k, w, gates, precision)
   o_ref[...] = o.astype(o_ref.dtype)
@@ -131,7 +131,7 @@ def _grads_kernel(*refs, L, scale, precision):
    dk_refs, dv_refs, dbeta_refs, (dG_ref,)) = _split(refs, (1, L, L, L, 7, L, L, L, 1))
   gates = _gates(G_ref, seq_ref, prev_ref)
   q = q_ref[...].astype(jnp.float32) * scale
-  k = [r[...].astype(jnp.float32) for r in k_refs]
+  k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ and Q K^lᵀ stay bf16 products for bf16
   v = [r[...].astype(jnp.float32) for r in v_refs]
   beta = [_col(r[...]) for r in beta_refs]
   g = cm.chunk_grads(q, k, v, beta, h_ref[...], dh_ref[...], do_ref[...].astype(jnp.float32),
@@ -147,36 +147,48 @@ def _grads_kernel(*refs, L, scale, precision):
 
 
 # pallas_calls. Shapes: q [B,T,H,K], k [B,T,H,L,K], v [B,T,H,L,V], beta [B,T,H,L],
-# G [B,T,H] float32, seq / prev [B,T] float32, states [B,H,K,V] float32.
+# G [B,T,H] float32, seq / prev [B,T] float32, states [B,H,K,V] float32. The chunk-parallel
+# kernels run on the grid (B·H, N, V/BV) (Triton grids have at most three axes).
 
-def _chunk_specs(L, C, K, V):
-  """BlockSpecs of one chunk (grid (B, H, N)) for q, the L keys, values and gates, G, seq, prev."""
-  q = pl.BlockSpec((None, C, None, K), lambda b, h, n: (b, n, h, 0))
-  ks = [pl.BlockSpec((None, C, None, None, K), lambda b, h, n, l=l: (b, n, h, l, 0))
-        for l in range(L)]
-  vs = [pl.BlockSpec((None, C, None, None, V), lambda b, h, n, l=l: (b, n, h, l, 0))
-        for l in range(L)]
-  betas = [pl.BlockSpec((None, C, None, None), lambda b, h, n, l=l: (b, n, h, l))
-           for l in range(L)]
-  G = pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h))
-  seq = pl.BlockSpec((None, C), lambda b, h, n: (b, n))
-  return q, ks, vs, betas, G, seq
+def _chunk_specs(L, C, K, BV, H):
+  """BlockSpecs of one chunk and one value block for q, the L keys, values and gates, G, seq,
+  rows of width K and of width BV, and the [K, BV] block of the state entering the chunk."""
+  at = lambda f: (lambda bh, n, j: f(bh // H, bh % H, n, j))
+  return dict(
+      q=pl.BlockSpec((None, C, None, K), at(lambda b, h, n, j: (b, n, h, 0))),
+      k=[pl.BlockSpec((None, C, None, None, K), at(lambda b, h, n, j, l=l: (b, n, h, l, 0)))
+         for l in range(L)],
+      v=[pl.BlockSpec((None, C, None, None, BV), at(lambda b, h, n, j, l=l: (b, n, h, l, j)))
+         for l in range(L)],
+      beta=[pl.BlockSpec((None, C, None, None), at(lambda b, h, n, j, l=l: (b, n, h, l)))
+            for l in range(L)],
+      G=pl.BlockSpec((None, C, None), at(lambda b, h, n, j: (b, n, h))),
+      seq=pl.BlockSpec((None, C), at(lambda b, h, n, j: (b, n))),
+      rows_k=pl.BlockSpec((None, C, None, K), at(lambda b, h, n, j: (b, n, h, 0))),
+      rows_v=pl.BlockSpec((None, C, None, BV), at(lambda b, h, n, j: (b, n, h, j))),
+      h=pl.BlockSpec((None, None, K, BV), at(lambda b, h, n, j: (b, h, n, j))),
+      # Per-value-block partial sums, reduced over the leading axis outside the kernel.
+      part_k=pl.BlockSpec((None, None, C, None, K), at(lambda b, h, n, j: (j, b, n, h, 0))),
+      part_g=pl.BlockSpec((None, None, C, None), at(lambda b, h, n, j: (j, b, n, h))),
+  )
 
 
-def _rows_spec(C, D):
-  return pl.BlockSpec((None, C, None, D), lambda b, h, n: (b, n, h, 0))
+def _block_v(bs: BlockSizes, V: int) -> int:
+  return min(bs.block_v, V)
 
 
 def prepare(k, v, beta, G, seq, prev, *, bs: BlockSizes, precision, interpret):
-  """U [B,T,H,V] and Wk [B,T,H,K] (float32) of every chunk."""
+  """U [B,T,H,V] and Wk [B,T,H,K] (float32) of every chunk. Each value block recomputes the
+  (I + A)⁻¹ of its chunk and writes the same Wk."""
   B, T, H, L, K = k.shape
   V, C = v.shape[-1], bs.chunk
-  _, ks, vs, betas, G_spec, seq_spec = _chunk_specs(L, C, K, V)
+  BV = _block_v(bs, V)
+  s = _chunk_specs(L, C, K, BV, H)
   return pl.pallas_call(
       functools.partial(_prepare_kernel, L=L, precision=precision),
-      grid=(B, H, T // C),
-      in_specs=[*ks, *vs, *betas, G_spec, seq_spec, seq_spec],
-      out_specs=[_rows_spec(C, V), _rows_spec(C, K)],
+      grid=(B * H, T // C, V // BV),
+      in_specs=[*s["k"], *s["v"], *s["beta"], s["G"], s["seq"], s["seq"]],
+      out_specs=[s["rows_v"], s["rows_k"]],
       out_shape=[jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
                  jax.ShapeDtypeStruct((B, T, H, K), jnp.float32)],
       compiler_params=_params(bs), interpret=interpret, name="prism_prepare",
@@ -222,13 +234,14 @@ def output(q, k, v, beta, G, seq, prev, x, h, *, scale, bs: BlockSizes, precisio
   """O [B,T,H,V] in q's dtype."""
   B, T, H, L, K = k.shape
   V, C = v.shape[-1], bs.chunk
-  q_spec, ks, vs, betas, G_spec, seq_spec = _chunk_specs(L, C, K, V)
-  h_spec = pl.BlockSpec((None, None, K, V), lambda b, h, n: (b, h, n, 0))
+  BV = _block_v(bs, V)
+  s = _chunk_specs(L, C, K, BV, H)
   return pl.pallas_call(
       functools.partial(_output_kernel, L=L, scale=scale, precision=precision),
-      grid=(B, H, T // C),
-      in_specs=[q_spec, *ks, *vs, *betas, G_spec, seq_spec, seq_spec, _rows_spec(C, V), h_spec],
-      out_specs=_rows_spec(C, V),
+      grid=(B * H, T // C, V // BV),
+      in_specs=[s["q"], *s["k"], *s["v"], *s["beta"], s["G"], s["seq"], s["seq"], s["rows_v"],
+                s["h"]],
+      out_specs=s["rows_v"],
       out_shape=jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
       compiler_params=_params(bs), interpret=interpret, name="prism_output",
   )(q, *([k] * L), *([v] * L), *([beta] * L), G, seq, prev, x, h)
@@ -256,21 +269,30 @@ def state_backward(q, k, G, seq, prev, wk, do, dhT, *, scale, bs: BlockSizes, pr
 
 def grads(q, k, v, beta, G, seq, prev, h, dh, do, *, scale, bs: BlockSizes, precision,
           interpret):
-  """Float32 cotangents (dq [B,T,H,K], dk L×[B,T,H,K], dv L×[B,T,H,V], dβ L×[B,T,H], dG)."""
+  """Float32 cotangents: dq [B,T,H,K], L × dk, L × dv [B,T,H,V], L × dβ, dG [B,T,H].
+
+  Every cotangent on the key or gate side is a sum over value columns, so each value block
+  writes its partial sum and they are added here; dv is per column."""
   B, T, H, L, K = k.shape
   V, C = v.shape[-1], bs.chunk
-  q_spec, ks, vs, betas, G_spec, seq_spec = _chunk_specs(L, C, K, V)
-  h_spec = pl.BlockSpec((None, None, K, V), lambda b, h, n: (b, h, n, 0))
-  gate_spec = pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h))
+  BV = _block_v(bs, V)
+  nV = V // BV
+  s = _chunk_specs(L, C, K, BV, H)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  return pl.pallas_call(
+  out = pl.pallas_call(
       functools.partial(_grads_kernel, L=L, scale=scale, precision=precision),
-      grid=(B, H, T // C),
-      in_specs=[q_spec, *ks, *vs, *betas, G_spec, seq_spec, seq_spec, h_spec, h_spec,
-                _rows_spec(C, V)],
-      out_specs=[_rows_spec(C, K)] + [_rows_spec(C, K)] * L + [_rows_spec(C, V)] * L
-      + [gate_spec] * (L + 1),
-      out_shape=[f32(B, T, H, K)] + [f32(B, T, H, K)] * L + [f32(B, T, H, V)] * L
-      + [f32(B, T, H)] * (L + 1),
+      grid=(B * H, T // C, nV),
+      in_specs=[s["q"], *s["k"], *s["v"], *s["beta"], s["G"], s["seq"], s["seq"], s["h"], s["h"],
+                s["rows_v"]],
+      out_specs=[s["part_k"]] * (1 + L) + [s["rows_v"]] * L + [s["part_g"]] * (L + 1),
+      out_shape=[f32(nV, B, T, H, K)] * (1 + L) + [f32(B, T, H, V)] * L
+      + [f32(nV, B, T, H)] * (L + 1),
       compiler_params=_params(bs), interpret=interpret, name="prism_grads",
   )(q, *([k] * L), *([v] * L), *([beta] * L), G, seq, prev, h, dh, do)
+  dq, dk, dv, dbeta, dG = _unpack(out, L)
+  total = lambda parts: parts.sum(axis=0)
+  return (total(dq), [total(x) for x in dk], list(dv), [total(x) for x in dbeta], total(dG))
+
+
+def _unpack(out, L):
+  return out[0], out[1:1 + L], out[1 + L:1 + 2 * L], out[1 + 2 * L:1 + 3 * L], out[-1]

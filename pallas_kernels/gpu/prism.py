@@ -49,9 +49,7 @@ def _bwd(scale, bs, interpret, res, cotangents):
   do, dhT = cotangents
   kw = dict(scale=scale, bs=bs, precision=matmul_precision(q.dtype), interpret=interpret)
   dh, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, dhT.astype(jnp.float32), **kw)
-  out = kernels.grads(q, k, v, beta, G, seq, prev, h, dh, do, **kw)
-  L = k.shape[3]
-  dq, dk, dv, dbeta, dG = out[0], out[1:1 + L], out[1 + L:1 + 2 * L], out[1 + 2 * L:1 + 3 * L], out[-1]
+  dq, dk, dv, dbeta, dG = kernels.grads(q, k, v, beta, G, seq, prev, h, dh, do, **kw)
   return (dq.astype(q.dtype), jnp.stack(dk, axis=3).astype(k.dtype),
           jnp.stack(dv, axis=3).astype(v.dtype), jnp.stack(dbeta, axis=3).astype(beta.dtype),
           dG, jnp.zeros_like(seq), jnp.zeros_like(prev), dh0)
