@@ -6,6 +6,7 @@ Every error is a ValueError whose message starts with the offending key (`optim.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import ml_collections
 
@@ -101,4 +102,6 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     for a in targets:
       _check(a in (None, "data", "fsdp", "tensor"), "mesh.rules", rule,
              "mesh axes among data, fsdp, tensor")
+  _check(not cfg.init_from or os.path.isdir(cfg.init_from), "init_from", cfg.init_from,
+         "a run directory or its checkpoints/ directory")
   model_config(cfg)

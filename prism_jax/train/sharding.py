@@ -24,8 +24,8 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
   if -1 in sizes:
     known = int(np.prod([s for s in sizes if s != -1]))
     if num_devices % known:
-      raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
-                       f"data x fsdp x tensor = {sizes}")
+      raise ValueError(f"mesh: data x fsdp x tensor = {sizes} does not fit {num_devices} "
+                       f"devices (the fixed axes need a multiple of {known})")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
     raise ValueError(f"mesh: data x fsdp x tensor = {sizes} needs {int(np.prod(sizes))} devices, "
