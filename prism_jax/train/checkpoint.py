@@ -66,12 +66,13 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
     """(state, meta) of `step`, placed as the shardings in `abstract_state` say."""
     meta = self.read_meta(step)
+    check_shapes(_shapes_or_error(self.directory, step), abstract_state,
+                 f"{self.directory}/{step}")
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))["state"]
     except Exception as e:
       raise CheckpointError(_corrupt(self.directory, step, e)) from e
-    check_shapes(restored, abstract_state, f"{self.directory} step {step}")
     return restored, meta
 
   def wait(self) -> None:
@@ -88,17 +89,34 @@ def _corrupt(directory: str, step: int, error: Exception) -> str:
           f"delete that step directory to fall back to an earlier one, or use a new run_dir")
 
 
-def check_shapes(restored, abstract, where: str) -> None:
-  """CheckpointError if any leaf's shape differs from the target's (a different model)."""
-  flat_r, _ = jax.tree_util.tree_flatten_with_path(restored)
-  flat_a = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
-  for path, leaf in flat_r:
-    want = flat_a.get(path)
-    if want is not None and tuple(np.shape(leaf)) != tuple(want.shape):
+def _key_names(path) -> tuple[str, ...]:
+  """Path keys as strings, so dict keys, list indices and namedtuple fields compare alike."""
+  return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def stored_shapes(state_dir: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Shapes of the arrays saved in a checkpoint's "state" item, read from its metadata only."""
+  tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {_key_names(path): tuple(leaf.shape) for path, leaf in flat if hasattr(leaf, "shape")}
+
+
+def check_shapes(stored: dict, abstract, where: str, prefix: tuple[str, ...] = ()) -> None:
+  """CheckpointError if a saved array's shape differs from the target's (a different model)."""
+  for path, want in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    key = prefix + _key_names(path)
+    if key in stored and stored[key] != tuple(want.shape):
       raise CheckpointError(
-          f"checkpoint {where} is incompatible with this model: {jax.tree_util.keystr(path)} has "
-          f"shape {tuple(np.shape(leaf))}, the model wants {tuple(want.shape)}; use the run's own "
-          "model config or a new run_dir")
+          f"checkpoint {where} is incompatible with this model: {'/'.join(key)} has shape "
+          f"{stored[key]}, the model wants {tuple(want.shape)}; use the run's own model config "
+          "or a new run_dir")
+
+
+def _shapes_or_error(directory: str, step: int) -> dict:
+  try:
+    return stored_shapes(os.path.join(directory, str(step), "state"))
+  except Exception as e:
+    raise CheckpointError(_corrupt(directory, step, e)) from e
 
 
 def restore_params(path: str, abstract_params) -> tuple[dict, int]:
@@ -107,10 +125,12 @@ def restore_params(path: str, abstract_params) -> tuple[dict, int]:
   if not os.path.isdir(directory):
     raise CheckpointError(f"init_from={path!r} is not a directory; give a run directory or its "
                           "checkpoints/ directory")
-  ckpt = Checkpointer(directory, read_only=True, use_async=False)
+  ckpt = Checkpointer(directory, use_async=False)
   step = ckpt.latest_step()
   if step is None:
     raise CheckpointError(f"init_from={path!r} holds no finished checkpoint")
+  check_shapes(_shapes_or_error(directory, step), abstract_params, f"{directory}/{step}",
+               prefix=("params",))
   try:
     restored = ckpt.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
@@ -121,5 +141,4 @@ def restore_params(path: str, abstract_params) -> tuple[dict, int]:
             partial_restore=True)))["state"]
   except Exception as e:
     raise CheckpointError(_corrupt(directory, step, e)) from e
-  check_shapes(restored["params"], abstract_params, f"{directory} step {step}")
   return restored["params"], step

@@ -198,7 +198,7 @@ class Trainer:
     profiling, last_eval, result = False, {}, {"stopped": None}
     bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and self.lead),
                dynamic_ncols=True, desc="train")
-    window_start, window_tokens = time.perf_counter(), 0
+    window_time, window_tokens = 0.0, 0.0   # step time only: eval and saves do not count
     try:
       for step in range(start, t.steps):
         if prof_last > 0 and step == prof_first and not profiling:
@@ -207,6 +207,7 @@ class Trainer:
         batch = self._global(self.task.train_batch(step))
         done = step + 1
         lr = float(self.schedule(applied))
+        step_start = time.perf_counter()
         state, metrics = self.train_step(state, batch, jnp.float32(lr),
                                          jnp.asarray(done in nan_steps))
         if profiling and done > prof_last:
@@ -214,6 +215,7 @@ class Trainer:
           jax.profiler.stop_trace()
           profiling = False
         metrics = jax.device_get(metrics)
+        window_time += time.perf_counter() - step_start
         metrics["lr"] = lr
         applied += int(metrics["finite"])
         if cfg.debug.sleep_per_step:
@@ -234,12 +236,11 @@ class Trainer:
                 f"{ckpt.directory}/{good}" + ("" if good is not None else " (none saved)") +
                 "; lower optim.lr or check the data, then rerun to resume from it")
         if done % t.log_every == 0 or done == t.steps:
-          elapsed = time.perf_counter() - window_start
           record = {k: float(metrics[k]) for k in ("loss", "grad_norm", "lr")}
-          record["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+          record["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
           runlog.write("train", done, record)
           bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-          window_start, window_tokens = time.perf_counter(), 0
+          window_time, window_tokens = 0.0, 0.0
         evaluated = done % t.eval_every == 0 or done == t.steps
         if evaluated:
           last_eval = self.evaluate(state["params"])
@@ -255,6 +256,11 @@ class Trainer:
               "command again to resume")
           result["stopped"] = self.stop_signal
           break
+      if start >= t.steps:
+        say(f"the run is already at step {start} of train.steps={t.steps}; raise train.steps "
+            "to train further")
+      if not last_eval and result["stopped"] is None:
+        last_eval = self.evaluate(state["params"])
       result.update(last_eval)
       result["step"] = int(jax.device_get(state["step"]))
       result["skipped"] = int(jax.device_get(state["skipped"]))
