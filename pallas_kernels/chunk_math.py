@@ -28,10 +28,19 @@ from jax import lax
 HIGHEST = lax.Precision.HIGHEST
 
 
+BF16 = "bf16"  # precision mode: round both operands to bf16, accumulate in float32
+
+
 def mm(a, b, precision, *, ta=False, tb=False):
-  """a @ b (aᵀ if ta, bᵀ if tb) of 2-D arrays with a float32 result. Operands of one dtype
-  (bf16 keys against bf16 keys) stay in it; mixed operands are both taken to float32."""
-  if a.dtype != b.dtype:
+  """a @ b (aᵀ if ta, bᵀ if tb) of 2-D arrays with a float32 result.
+
+  precision: a lax.Precision (or None, the default) for float32 operands, or BF16, which
+  rounds both operands to bf16 first (tensor-core products; half the on-chip operand memory).
+  Operands of one dtype stay in it (bf16 keys against bf16 keys are exact products).
+  """
+  if precision == BF16:
+    a, b, precision = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), None
+  elif a.dtype != b.dtype:
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)

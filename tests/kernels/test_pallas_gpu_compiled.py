@@ -1,5 +1,7 @@
-"""The GPU kernels compiled for a real GPU (skipped without one): the interpret-mode cases, plus
-L = 4 and the acceptance shape B4 T4096 H16 K=V=128 L=2 bf16 against the sequential reference."""
+"""The GPU kernels compiled for a real GPU (skipped without one): interpret-mode cases, plus
+L = 4, a non-power-of-two head dim, and the acceptance shape B4 T4096 H16 K=V=128 L=2 bf16
+against the sequential reference. Few distinct shapes: every new shape recompiles the five
+kernels (the gradient kernel took about two minutes to compile on the H200 at K = V = 128)."""
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +14,11 @@ pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU"),
 ]
 
-GPU_CASES = CASES + [
+GPU_CASES = [
+    CASES[0],
+    CASES[1],
     (2, 300, 3, 96, 96, 4, 64, True, True, jnp.float32),
     (2, 1000, 4, 64, 64, 2, 64, True, True, jnp.bfloat16),
-    (1, 517, 2, 128, 128, 3, 64, True, False, jnp.bfloat16),
 ]
 
 
@@ -25,7 +28,7 @@ def test_compiled_matches_naive(case):
 
 
 def test_compiled_jax_backward_matches_naive():
-  check_against_naive(GPU_CASES[-1], backend="gpu", interpret=False, backward="jax", seed=5)
+  check_against_naive(GPU_CASES[2], backend="gpu", interpret=False, backward="jax", seed=5)
 
 
 @pytest.mark.slow
