@@ -81,5 +81,11 @@ def test_probe_task_needs_its_generators():
     with pytest.raises(ValueError, match="prism_jax.data.synthetic"):
       make_task(cfg)
   else:
-    batch = make_task(cfg).train_batch(0)
+    task = make_task(cfg)
+    batch = task.train_batch(0)
     assert batch["tokens"].shape == (cfg.data.batch_size, cfg.data.seq_len)
+    assert batch["mask"].any() and not (task.train_batch(1)["tokens"] == batch["tokens"]).all()
+    assert (task.eval_batches()[0]["tokens"] != batch["tokens"]).any()
+    cfg.data.probe_task = "sorting"
+    with pytest.raises(ValueError, match="data.probe_task: got 'sorting'"):
+      make_task(cfg)

@@ -195,6 +195,9 @@ class ProbeTask:
     except ModuleNotFoundError as e:
       raise ValueError("task=probe needs the probing task generators in "
                        "prism_jax.data.synthetic, which this checkout does not have yet") from e
+    if cfg.data.probe_task not in self.synthetic.TASKS:
+      raise ValueError(f"data.probe_task: got {cfg.data.probe_task!r}, need one of "
+                       f"{sorted(self.synthetic.TASKS)}")
     self.model_config = model_config(cfg)
     self.task, self.seed = cfg.data.probe_task, cfg.seed
     self.seq_len, self.batch_size = cfg.data.seq_len, cfg.data.batch_size
