@@ -55,18 +55,20 @@ class Backbone(nnx.Module):
   def prefill_hidden(self, tokens: jax.Array, cache: list) -> tuple[jax.Array, list]:
     """The parallel (chunked) form from a cache: tokens [B, T] → ([B, T, D], new cache)."""
     self._check_tokens(tokens, 2, "[B, T]")
-    x, new = self.embed_tokens(tokens), []
-    for block, c in zip(self.blocks, cache):
-      x, c = block.prefill(x, c)
-      new.append(c)
-    return self.final_norm(x), new
+    return self._through_blocks("prefill", tokens, cache)
 
   def step_hidden(self, tokens: jax.Array, cache: list) -> tuple[jax.Array, list]:
     """One token per row: tokens [B] → ([B, D], new cache)."""
     self._check_tokens(tokens, 1, "[B]")
+    return self._through_blocks("step", tokens, cache)
+
+  def _through_blocks(self, method: str, tokens: jax.Array, cache: list):
+    """Embed, run `Block.<method>(x, cache)` layer by layer, final norm; (hidden, caches)."""
+    if len(cache) != len(self.blocks):
+      raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}")
     x, new = self.embed_tokens(tokens), []
     for block, c in zip(self.blocks, cache):
-      x, c = block.step(x, c)
+      x, c = getattr(block, method)(x, c)
       new.append(c)
     return self.final_norm(x), new
 
