@@ -13,7 +13,7 @@ keys (K¹ also erases), W^l = β^l ⊙ δ^l, Q = scale · q and S the incoming s
     O    = γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l          Y¹ = X, Y^l = W^l (l ≥ 2)
     S'   = γ_C S + Σ_l (K^l ⊙ e)ᵀ Y^l
 
-`chunk_grads` is the hand-derived reverse of these formulas (derivation in pallas_kernels/README.md).
+`chunk_grads` is the hand-derived reverse of these formulas (derived in the README beside this).
 Column vectors are [C, 1], row vectors [1, C], per-chunk scalars [1, 1].
 """
 
@@ -44,6 +44,20 @@ def mm(a, b, precision, *, ta=False, tb=False):
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def split_refs(refs, counts):
+  """Group a kernel's flat ref list into consecutive tuples of the given lengths."""
+  out, i = [], 0
+  for n in counts:
+    out.append(refs[i:i + n])
+    i += n
+  return out
+
+
+def matmul_precision(dtype):
+  """float32 inputs get full float32 products; bf16 inputs the matrix units' default."""
+  return HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _iota(shape, axis):

@@ -56,18 +56,10 @@ def _gates(G_ref, seq_ref, prev_ref, sl=slice(None)):
   return cm.chunk_gates(G[:, None], G[None, :], seq[:, None], seq[None, :], prev_ref[sl][:, None])
 
 
-def _split(refs, counts):
-  out, i = [], 0
-  for n in counts:
-    out.append(refs[i:i + n])
-    i += n
-  return out
-
-
 # Kernel bodies.
 
 def _prepare_kernel(*refs, L, precision):
-  k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, u_ref, wk_ref) = _split(
+  k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, u_ref, wk_ref) = cm.split_refs(
       refs, (L, L, L, 5))
   gates = _gates(G_ref, seq_ref, prev_ref)
   k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ and Q K^lᵀ stay bf16 products for bf16
@@ -79,7 +71,7 @@ def _prepare_kernel(*refs, L, precision):
 
 def _state_forward_kernel(*refs, L, C, precision):
   (k_refs, v_refs, beta_refs,
-   (G_ref, seq_ref, prev_ref, u_ref, wk_ref, h0_ref, h_ref, x_ref, hT_ref)) = _split(
+   (G_ref, seq_ref, prev_ref, u_ref, wk_ref, h0_ref, h_ref, x_ref, hT_ref)) = cm.split_refs(
        refs, (L, L, L, 9))
   K = k_refs[0].shape[-1]
   N = u_ref.shape[0] // C
@@ -98,8 +90,8 @@ def _state_forward_kernel(*refs, L, C, precision):
 
 
 def _output_kernel(*refs, L, scale, precision):
-  (q_ref,), k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, x_ref, h_ref, o_ref) = _split(
-      refs, (1, L, L, L, 6))
+  ((q_ref,), k_refs, v_refs, beta_refs,
+   (G_ref, seq_ref, prev_ref, x_ref, h_ref, o_ref)) = cm.split_refs(refs, (1, L, L, L, 6))
   gates = _gates(G_ref, seq_ref, prev_ref)
   q = q_ref[...].astype(jnp.float32) * scale
   k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ and Q K^lᵀ stay bf16 products for bf16
@@ -128,7 +120,7 @@ def _state_backward_kernel(q_ref, k1_ref, G_ref, seq_ref, prev_ref, wk_ref, do_r
 def _grads_kernel(*refs, L, scale, precision):
   ((q_ref,), k_refs, v_refs, beta_refs,
    (G_ref, seq_ref, prev_ref, h_ref, dh_ref, do_ref, dq_ref),
-   dk_refs, dv_refs, dbeta_refs, (dG_ref,)) = _split(refs, (1, L, L, L, 7, L, L, L, 1))
+   dk_refs, dv_refs, dbeta_refs, (dG_ref,)) = cm.split_refs(refs, (1, L, L, L, 7, L, L, L, 1))
   gates = _gates(G_ref, seq_ref, prev_ref)
   q = q_ref[...].astype(jnp.float32) * scale
   k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ and Q K^lᵀ stay bf16 products for bf16

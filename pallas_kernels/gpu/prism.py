@@ -14,11 +14,6 @@ from pallas_kernels.gpu import kernels
 from pallas_kernels.gpu.kernels import BlockSizes
 
 
-def matmul_precision(dtype):
-  """float32 inputs get full float32 products; bf16 inputs the tensor-core default (TF32)."""
-  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
 def grads_precision(dtype):
   """The per-chunk gradient kernel is the largest: with bf16 inputs its products take bf16
   operands (float32 accumulation) so their on-chip copies fit Hopper's shared memory (with
@@ -40,7 +35,7 @@ def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interp
 
 
 def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
-  kw = dict(bs=bs, precision=matmul_precision(q.dtype), interpret=interpret)
+  kw = dict(bs=bs, precision=cm.matmul_precision(q.dtype), interpret=interpret)
   u, wk = kernels.prepare(k, v, beta, G, seq, prev, **kw)
   h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, **kw)
   o = kernels.output(q, k, v, beta, G, seq, prev, x, h, scale=scale, **kw)
@@ -55,7 +50,7 @@ def _fwd(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
 def _bwd(scale, bs, interpret, res, cotangents):
   q, k, v, beta, G, seq, prev, wk, h = res
   do, dhT = cotangents
-  kw = dict(scale=scale, bs=bs, precision=matmul_precision(q.dtype), interpret=interpret)
+  kw = dict(scale=scale, bs=bs, precision=cm.matmul_precision(q.dtype), interpret=interpret)
   dh, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, dhT.astype(jnp.float32), **kw)
   kw["precision"] = grads_precision(q.dtype)
   dq, dk, dv, dbeta, dG = kernels.grads(q, k, v, beta, G, seq, prev, h, dh, do, **kw)

@@ -52,14 +52,6 @@ PARALLEL3 = ("parallel", "parallel", "parallel")
 SEQUENTIAL4 = ("parallel", "parallel", "parallel", "arbitrary")
 
 
-def _split(refs, counts):
-  out, i = [], 0
-  for n in counts:
-    out.append(refs[i:i + n])
-    i += n
-  return out
-
-
 def _gates(G_col_ref, G_row_ref, seq_col_ref, seq_row_ref, prev_ref):
   return cm.chunk_gates(G_col_ref[...], G_row_ref[...], seq_col_ref[...], seq_row_ref[...],
                         prev_ref[...])
@@ -72,7 +64,7 @@ def _load(refs):
 # Kernel bodies. Gate refs come as (G_col, G_row, seq_col, seq_row, prev_col).
 
 def _prepare_kernel(*refs, L, precision):
-  k_refs, v_refs, beta_refs, gate_refs, (u_ref, wk_ref) = _split(refs, (L, L, L, 5, 2))
+  k_refs, v_refs, beta_refs, gate_refs, (u_ref, wk_ref) = cm.split_refs(refs, (L, L, L, 5, 2))
   gates = _gates(*gate_refs)
   k, beta = _load(k_refs), _load(beta_refs)
   w = [b * x for b, x in zip(beta, _load(v_refs))]
@@ -83,7 +75,7 @@ def _prepare_kernel(*refs, L, precision):
 
 def _state_forward_kernel(*refs, L, precision):
   (k_refs, v_refs, beta_refs, gate_refs,
-   (u_ref, wk_ref, h0_ref, h_ref, x_ref, hT_ref, state_ref)) = _split(refs, (L, L, L, 5, 7))
+   (u_ref, wk_ref, h0_ref, h_ref, x_ref, hT_ref, state_ref)) = cm.split_refs(refs, (L, L, L, 5, 7))
   n = pl.program_id(3)
 
   @pl.when(n == 0)
@@ -106,7 +98,7 @@ def _state_forward_kernel(*refs, L, precision):
 
 
 def _output_kernel(*refs, L, scale, precision):
-  (q_ref,), k_refs, v_refs, beta_refs, gate_refs, (x_ref, h_ref, o_ref) = _split(
+  (q_ref,), k_refs, v_refs, beta_refs, gate_refs, (x_ref, h_ref, o_ref) = cm.split_refs(
       refs, (1, L, L, L, 5, 3))
   gates = _gates(*gate_refs)
   k, beta = _load(k_refs), _load(beta_refs)
@@ -140,7 +132,7 @@ def _state_backward_kernel(q_ref, k1_ref, G_col_ref, G_row_ref, seq_col_ref, seq
 
 def _grads_kernel(*refs, L, scale, precision):
   ((q_ref,), k_refs, v_refs, beta_refs, gate_refs, (h_ref, dh_ref, do_ref, dq_ref),
-   dk_refs, dv_refs, dbeta_refs, (dG_ref,)) = _split(refs, (1, L, L, L, 5, 4, L, L, L, 1))
+   dk_refs, dv_refs, dbeta_refs, (dG_ref,)) = cm.split_refs(refs, (1, L, L, L, 5, 4, L, L, L, 1))
   gates = _gates(*gate_refs)
   q = q_ref[...].astype(jnp.float32) * scale
   g = cm.chunk_grads(q, _load(k_refs), _load(v_refs), _load(beta_refs), h_ref[...],

@@ -8,13 +8,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import chunk_math as cm
 from pallas_kernels.tpu import kernels
 from pallas_kernels.tpu.kernels import BlockSizes
-
-
-def matmul_precision(dtype):
-  """float32 inputs get full float32 products; bf16 inputs the MXU default."""
-  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _gate_layouts(G, seq, prev, chunk):
@@ -35,7 +31,7 @@ def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interp
 
 
 def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
-  kw = dict(bs=bs, precision=matmul_precision(q.dtype), interpret=interpret)
+  kw = dict(bs=bs, precision=cm.matmul_precision(q.dtype), interpret=interpret)
   gates = _gate_layouts(G, seq, prev, bs.chunk)
   u, wk = kernels.prepare(k, v, beta, gates, **kw)
   h, x, hT = kernels.state_forward(k, v, beta, gates, u, wk, h0, **kw)
@@ -51,7 +47,7 @@ def _fwd(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
 def _bwd(scale, bs, interpret, res, cotangents):
   q, k, v, beta, G, seq, prev, wk, h = res
   do, dhT = cotangents
-  kw = dict(scale=scale, bs=bs, precision=matmul_precision(q.dtype), interpret=interpret)
+  kw = dict(scale=scale, bs=bs, precision=cm.matmul_precision(q.dtype), interpret=interpret)
   gates = _gate_layouts(G, seq, prev, bs.chunk)
   dh, dh0 = kernels.state_backward(q, k, gates, wk, do, dhT.astype(jnp.float32), **kw)
   out = kernels.grads(q, k, v, beta, gates, h, dh, do, **kw)
