@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 
@@ -29,8 +29,7 @@ def _checkpoint_dir(path: str) -> str:
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with this project's layout and error messages."""
 
-  def __init__(self, directory: str, keep: int = 3, use_async: bool = True,
-               read_only: bool = False):
+  def __init__(self, directory: str, keep: int = 3, use_async: bool = True):
     self.directory = os.path.abspath(directory)
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
@@ -38,8 +37,7 @@ class Checkpointer:
                        keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, enable_async_checkpointing=use_async, create=not read_only,
-        read_only=read_only)
+        preservation_policy=policy, enable_async_checkpointing=use_async)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
 
@@ -96,7 +94,12 @@ def _key_names(path) -> tuple[str, ...]:
 
 def stored_shapes(state_dir: str) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Shapes of the arrays saved in a checkpoint's "state" item, read from its metadata only."""
-  tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)   # orbax warns that a step-level metadata file is absent
+  try:
+    tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  finally:
+    logging.set_verbosity(level)
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
   return {_key_names(path): tuple(leaf.shape) for path, leaf in flat if hasattr(leaf, "shape")}
 
