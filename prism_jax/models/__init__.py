@@ -13,7 +13,8 @@ dimensions, router outputs). Read them without allocating anything:
 
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
     logical = nnx.get_partition_spec(nnx.state(abstract))   # State of PartitionSpec of names
-    specs = jax.tree.map(lambda v: v.get_value(), logical, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    specs = jax.tree.map(lambda v: v.get_value(), logical,
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 then map names to mesh axes with rules such as
 `flax.linen.logical_to_mesh_axes(spec, (("embed", "fsdp"), ("heads", "tensor"), ...))`.

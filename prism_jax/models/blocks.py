@@ -14,8 +14,8 @@ from prism_jax.models.config import ModelConfig
 
 def make_mixer(name: str, cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
   """The token mixer called `name` (one of config.MIXERS) with the sizes of `cfg`."""
-  kw = dict(dtype=resolve_dtype(cfg.dtype), param_dtype=resolve_dtype(cfg.param_dtype, "param_dtype"),
-            rngs=rngs)
+  kw = dict(dtype=resolve_dtype(cfg.dtype),
+            param_dtype=resolve_dtype(cfg.param_dtype, "param_dtype"), rngs=rngs)
   shared = dict(value_head_dim=cfg.value_head_dim, conv_width=cfg.conv_width,
                 use_short_conv=cfg.use_short_conv, norm_eps=cfg.norm_eps, **kw)
   D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
