@@ -62,6 +62,7 @@ class Compiled:
     self.prefill, self.steps = prefill, steps
 
   def forward(self, x, segment_ids):
+    # The gradient function also returns y: reusing it saves a second compile per mixer.
     (_, _), y = self.value_and_grad(self.params, x, segment_ids, jnp.zeros_like(x))
     return y
 
