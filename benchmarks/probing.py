@@ -136,10 +136,11 @@ def train_probe(task: str, cfg: ModelConfig, settings: ProbeSettings, seed: int,
 
 
 def run_grid(tasks, variants: dict[str, ModelConfig], settings: ProbeSettings, seeds: int,
-             log=print) -> dict[tuple[str, str], list[float]]:
-  """Accuracy per (task, variant) for seeds 0..seeds−1."""
+             log=print, on_task_done=None) -> dict[tuple[str, str], list[float]]:
+  """Accuracy per (task, variant) for seeds 0..seeds−1; `on_task_done(results, tasks_done)`
+  runs after each task, so a long run leaves its finished rows behind if it is stopped."""
   results = {}
-  for task in tasks:
+  for i, task in enumerate(tasks):
     for name, cfg in variants.items():
       accs = []
       for seed in range(seeds):
@@ -148,6 +149,8 @@ def run_grid(tasks, variants: dict[str, ModelConfig], settings: ProbeSettings, s
         log(f"{task:13s} {name:16s} seed {seed}: {accs[-1]:.3f} "
             f"({time.perf_counter() - start:.0f} s)")
       results[task, name] = accs
+    if on_task_done is not None:
+      on_task_done(results, tasks[:i + 1])
   return results
 
 
@@ -229,14 +232,20 @@ def main(argv=None):
     idx = [list(MODELS).index(m) for m in args.models]
     paper = {t: [PAPER[t][i] for i in idx] for t in args.tasks}
   start = time.perf_counter()
-  results = run_grid(args.tasks, variants, settings, args.seeds)
-  table = markdown_table(results, args.tasks, list(variants), paper)
-  body = f"{provenance(argv, time.perf_counter() - start)}\n\n{table}\n"
-  if args.note:
-    body += f"\n{args.note}\n"
-  print(body)
-  if args.write:
-    replace_section(args.write, "Ablations" if args.ablations else "Probing", body)
+
+  def report(results, done):
+    body = f"{provenance(argv, time.perf_counter() - start)}\n\n"
+    body += markdown_table(results, done, list(variants), paper) + "\n"
+    if len(done) < len(args.tasks):
+      body += f"\nPartial: {len(done)} of {len(args.tasks)} tasks finished so far.\n"
+    if args.note:
+      body += f"\n{args.note}\n"
+    if args.write:
+      replace_section(args.write, "Ablations" if args.ablations else "Probing", body)
+    return body
+
+  results = run_grid(args.tasks, variants, settings, args.seeds, on_task_done=report)
+  print(report(results, args.tasks))
   return results
 
 
