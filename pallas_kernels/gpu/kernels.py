@@ -4,13 +4,13 @@ Arrays keep the caller's layout ([B, T, H, ...]); a BlockSpec with squeezed batc
 gives each program one head's rows. All kernels take T a multiple of the chunk C and K, V
 powers of two ≥ 16 (the public wrapper pads). Five stages, as in the chunked Gated DeltaNet:
 
-  prepare       (B, H, N) parallel: U, Wk of every chunk (the (I + A)⁻¹ products)
+  prepare       (B·H, N, V/BV) parallel: U, Wk of every chunk (the (I + A)⁻¹ products)
   state_forward (B, H, V/BV): sequential over chunks; state [K, BV] float32 in registers;
                 saves the state entering every chunk and the new values X = U − Wk S
-  output        (B, H, N) parallel: O from Q, the saved state and X
-  state_backward(B, H, V/BV): reverse pass for the state cotangents (dS entering each chunk's
-                end is saved; dS₀ is the initial-state gradient)
-  grads         (B, H, N) parallel: every input cotangent of a chunk from S, dS', dO
+  output        (B·H, N, V/BV) parallel: O from Q, the saved state and X
+  state_backward(B, H, V/BV): reverse pass for the state cotangents (the cotangent of the
+                state leaving every chunk is saved; dS₀ is the initial-state gradient)
+  grads         (B·H, N, V/BV) parallel: every input cotangent of a chunk from S, dS', dO
 """
 
 from __future__ import annotations
