@@ -99,7 +99,7 @@ def base_config(task: str, model_config) -> ml_collections.ConfigDict:
   c.train.async_checkpoints = True
   c.train.max_bad_steps = 5      # non-finite updates in a row before the run stops
   c.train.progress = True
-  c.train.profile_steps = (0, 0)  # (first, last) step traced with jax.profiler; (0, 0) = off
+  c.train.profile_steps = (0, 0)  # (first, last) update traced by jax.profiler into <run>/profile
   c.train.metrics_k = 10         # rec: Hit@K / NDCG@K
 
   c.sample = ml_collections.ConfigDict()

@@ -131,9 +131,10 @@ class Trainer:
   def model(self, params) -> nnx.Module:
     return nnx.merge(self.graphdef, params, self.rest)
 
-  def evaluate(self, params) -> dict:
+  def evaluate(self, params, batches=None) -> dict:
+    """Validation metrics (or those of `batches`), summed over batches inside jit."""
     sums = None
-    for batch in self.task.eval_batches():
+    for batch in self.task.eval_batches() if batches is None else batches:
       out = jax.device_get(self.eval_step(params, self._global(batch)))
       sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
     return self.task.finish_eval(sums)
@@ -201,16 +202,16 @@ class Trainer:
     window_time, window_tokens = 0.0, 0.0   # step time only: eval and saves do not count
     try:
       for step in range(start, t.steps):
-        if prof_last > 0 and step == prof_first and not profiling:
+        done = step + 1                       # 1-based number of this update, as logged
+        if prof_last > 0 and prof_first <= done <= prof_last and not profiling:
           jax.profiler.start_trace(os.path.join(self.run_dir, "profile"))
           profiling = True
         batch = self._global(self.task.train_batch(step))
-        done = step + 1
         lr = float(self.schedule(applied))
         step_start = time.perf_counter()
         state, metrics = self.train_step(state, batch, jnp.float32(lr),
                                          jnp.asarray(done in nan_steps))
-        if profiling and done > prof_last:
+        if profiling and done >= prof_last:
           jax.block_until_ready(state)
           jax.profiler.stop_trace()
           profiling = False
@@ -262,6 +263,13 @@ class Trainer:
       if not last_eval and result["stopped"] is None:
         last_eval = self.evaluate(state["params"])
       result.update(last_eval)
+      if cfg.task == "rec" and result["stopped"] is None:
+        # The held-out last item of every user, scored once at the end (spec §7).
+        test = {k.replace("eval_", "test_"): v for k, v in
+                self.evaluate(state["params"], self.task.eval_batches("test")).items()}
+        runlog.write("test", int(jax.device_get(state["step"])), test)
+        say("test: " + ", ".join(f"{k}={v:.4f}" for k, v in test.items()))
+        result.update(test)
       result["step"] = int(jax.device_get(state["step"]))
       result["skipped"] = int(jax.device_get(state["skipped"]))
       result["describe"] = info

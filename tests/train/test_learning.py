@@ -65,3 +65,6 @@ def test_rec_tiny_beats_most_popular(tmp_path, jax_cache):
   assert abs(final["eval_hit@10"] - model_hit) < 1e-3
   assert model_hit > popular_hit + 0.1, proc.stdout[-2000:]
   assert final["eval_auc"] > 0.5
+  test = metrics(run_dir, "test")[-1]
+  assert test["step"] == 80 and test["test_hit@10"] > popular_hit + 0.1
+  assert "test: test_loss=" in proc.stdout

@@ -35,7 +35,9 @@ def _free_port() -> int:
 def test_2x2x2_mesh_and_two_processes_match_one_device(tmp_path, jax_cache, small_corpus):
   args = ARGS + [f"--config.data.path={small_corpus}"]
   one, eight = tmp_path / "one", tmp_path / "eight"
-  assert_ok(run_train(one, *args, jax_cache=jax_cache))
+  assert_ok(run_train(one, *args, "--config.train.profile_steps=(2, 3)", jax_cache=jax_cache))
+  traces = [n for _, _, names in os.walk(one / "profile") for n in names]
+  assert any(n.endswith(".xplane.pb") for n in traces), traces
   sharded = run_train(eight, *args, "--config.mesh.data=2", "--config.mesh.fsdp=2",
                       "--config.mesh.tensor=2", jax_cache=jax_cache, devices=8)
   assert_ok(sharded)
