@@ -100,7 +100,8 @@ class Trainer:
     self.abstract_params = _abstract(abs_params, param_sh)
     self.num_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abs_params))
 
-    _, self.rest = jax.jit(build, out_shardings=(param_sh, repl))()
+    # Non-parameter state (usually empty); XLA drops the unused parameter initialisers.
+    self.rest = jax.jit(lambda: build()[1], out_shardings=repl)()
     self._init_params = jax.jit(lambda: build()[0], out_shardings=param_sh)
     self._init_state = jax.jit(lambda p: init_state(p, self.tx, cfg.seed),
                                in_shardings=(param_sh,), out_shardings=self.state_sharding)
@@ -140,9 +141,11 @@ class Trainer:
     return self.task.finish_eval(sums)
 
   def meta(self, step: int) -> dict:
-    describe = getattr(self.task, "corpus", None)
+    """JSON saved beside the state; batch n of the stream is a function of n, so the data
+    position is the step."""
+    corpus = getattr(self.task, "corpus", None)
     return {"step": step, "data_position": step, "task": self.cfg.task,
-            "fingerprint": describe.fingerprint if describe is not None else "",
+            "fingerprint": corpus.fingerprint if corpus is not None else "",
             "model_config": _jsonable(dataclasses.asdict(self.model_config)),
             "config": json.loads(self.cfg.to_json_best_effort())}
 
