@@ -19,7 +19,7 @@ def test_sigterm_then_kill9_then_resume_equals_uninterrupted(tmp_path, jax_cache
   assert_ok(run_train(straight, *args, jax_cache=jax_cache))
 
   broken = tmp_path / "broken"
-  slow = args + ["--config.debug.sleep_per_step=0.25"]
+  slow = args + ["--config.debug.sleep_per_step=0.5"]
   with open(tmp_path / "log1", "w") as log:
     proc = start_train(broken, *slow, jax_cache=jax_cache, log=log)
     wait_for(lambda: 4 in committed_steps(broken), proc, what="the first checkpoint")
