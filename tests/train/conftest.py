@@ -1,6 +1,6 @@
-"""Session fixtures for the train.py subprocess tests.
+"""Fixtures of the train.py subprocess tests.
 
-All subprocesses of a test session share one persistent XLA compilation cache, so only the
+All subprocesses of one pytest run share a persistent XLA compilation cache, so only the
 first run of a configuration pays for compilation.
 """
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from train_helpers import REPO, TINY, assert_ok, env_for, metrics, run_train
+from subprocess_runs import REPO, TINY, assert_ok, env_for, metrics, run_train
 
 
 def _float_after(text, prefix):

@@ -6,7 +6,7 @@ import signal
 import jax
 import numpy as np
 
-from train_helpers import (TINY, assert_ok, committed_steps, metrics, run_train, saved_state,
+from subprocess_runs import (TINY, assert_ok, committed_steps, metrics, run_train, saved_state,
                       start_train, wait_for)
 
 ARGS = TINY + ["--config.train.steps=16", "--config.train.checkpoint_every=4",

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from train_helpers import TINY, assert_ok, committed_steps, metrics, run_train, saved_state
+from subprocess_runs import TINY, assert_ok, committed_steps, metrics, run_train, saved_state
 
 ARGS = TINY + ["--config.train.steps=16", "--config.train.checkpoint_every=4",
                "--config.train.eval_every=8"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train_helpers import (REPO, TINY, assert_ok, env_for, metrics, run_train, train_cmd)
+from subprocess_runs import (REPO, TINY, assert_ok, env_for, metrics, run_train, train_cmd)
 
 ARGS = TINY + ["--config.train.steps=6", "--config.train.checkpoint_every=3",
                "--config.train.eval_every=3", "--config.optim.warmup_steps=2"]

@@ -1,4 +1,5 @@
-"""Helpers for tests that run train.py as a subprocess (the real program, real signals)."""
+"""Running train.py as a subprocess in tests (the real program, real signals), and reading
+what a run leaves behind."""
 
 import json
 import os
