@@ -46,13 +46,14 @@ MODELS = {"transformer": "attention", "la": "la", "mom": "mom", "prism": "prism"
 ABLATIONS = {"full": {}, "L=1": {"solver_steps": 1}, "no_nonlinearity": {"use_nonlinearity": False},
              "no_shortconv": {"use_short_conv": False}, "no_gain": {"use_gain": False}}
 VOCAB, SEQ_LEN, BATCH = 64, 128, 64
-# `--small`: the CI check that PRISM learns parity where LA does not, in a few CPU minutes.
-# PRISM's parity loss sits at ln 2 for a while and then drops within ~100 steps; at this budget
-# the drop came for seed 1 (at ~500 steps) but not for seeds 0 and 2 (RESULTS.md, Probing), so
-# the check pins seed 1. Short sequences keep the steps cheap; the pattern still sits at a
-# random distance from the query, so the answer has to go through the recurrent state.
+# `--small`: the CI-sized run. PRISM's parity loss sits at ln 2 for a while and then drops
+# within ~100 steps; at this budget the drop came in 1 of 4 runs (RESULTS.md, Probing), and
+# not reproducibly for a given seed (multi-threaded CPU sums differ from run to run), so the
+# CI test checks only that LA stays at chance. Short sequences keep the steps cheap; the
+# pattern still sits at a random distance from the query, so the answer has to go through
+# the recurrent state.
 SMALL = dict(tasks=["parity", "local_xor"], models=["prism", "la"], steps=1000, seeds=1,
-             first_seed=1, seq_len=32, batch_size=32, lr=3e-3)
+             seq_len=32, batch_size=32, lr=3e-3)
 
 
 @dataclasses.dataclass(frozen=True)
