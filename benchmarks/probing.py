@@ -48,7 +48,7 @@ ABLATIONS = {"full": {}, "L=1": {"solver_steps": 1}, "no_nonlinearity": {"use_no
 VOCAB, SEQ_LEN, BATCH = 64, 128, 64
 # `--small`: the CI-sized run. PRISM's parity loss sits at ln 2 for a while and then drops
 # within ~100 steps; at this budget the drop came in 1 of 4 runs (RESULTS.md, Probing), and
-# not reproducibly for a given seed (multi-threaded CPU sums differ from run to run), so the
+# not reproducibly for a given seed (most likely multi-threaded CPU sums), so the
 # CI test checks only that LA stays at chance. Short sequences keep the steps cheap; the
 # pattern still sits at a random distance from the query, so the answer has to go through
 # the recurrent state.
