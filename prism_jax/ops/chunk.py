@@ -24,40 +24,46 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prism_jax.ops.utils import einsum32, segment_starts
 
 
-def _product_inverse(a: jax.Array) -> jax.Array:
-  """(I + A)⁻¹ for strictly lower-triangular A [..., c, c] as a product of ⌈log₂ c⌉ factors.
+def _doubling_inverse(a: jax.Array) -> jax.Array:
+  """(I + A)⁻¹ for strictly lower-triangular A [..., c, c] (c a power of two) by block doubling.
 
-  A is nilpotent (A^c = 0), so (I + A)⁻¹ = Σ_n (−A)^n = (I − A)(I + A²)(I + A⁴)···(I + A^{2^m})
-  with 2^{m+1} ≥ c. Every factor is needed: dropping one truncates the series.
+  If T_s inverts the s×s diagonal blocks of I + A and E_s holds the entries of A that couple
+  the two halves of each 2s×2s diagonal block, then T_2s = T_s − T_s E_s T_s exactly. Every
+  intermediate is a block of the true inverse, so nothing grows the way the powers A^{2^m} of
+  the Neumann product (I − A)(I + A²)… do when keys repeat.
   """
   c = a.shape[-1]
-  eye = jnp.eye(c, dtype=a.dtype)
-  inverse = eye - a
-  power = a
-  for _ in range(max(c - 1, 1).bit_length() - 1):
-    power = einsum32("...ij,...jk->...ik", power, power)  # A^{2^i}
-    inverse = einsum32("...ij,...jk->...ik", inverse, eye + power)
+  idx = np.arange(c)
+  inverse = jnp.broadcast_to(jnp.eye(c, dtype=a.dtype), a.shape)
+  size = 1
+  while size < c:
+    block = idx // (2 * size)
+    lower_half = (idx // size) % 2 == 1
+    couple = ((block[:, None] == block[None, :]) & lower_half[:, None] & ~lower_half[None, :])
+    e = jnp.where(couple, a, 0.0)
+    inverse = inverse - einsum32("...ij,...jk,...kl->...il", inverse, e, inverse)
+    size *= 2
   return inverse
 
 
 def _unit_lower_inverse(a: jax.Array, block: int = 16) -> jax.Array:
   """(I + A)⁻¹ for strictly lower-triangular A [..., C, C], in full float32.
 
-  The diagonal blocks (block × block) are inverted by `_product_inverse`, then block rows are
-  merged by forward substitution: X_ij = −X_ii Σ_{j≤m<i} A_im X_mj. This costs about C³/3
-  multiply-adds instead of the ~2·log₂C·C³ of the product form on the whole matrix.
+  The diagonal blocks (block × block) are inverted by `_doubling_inverse`, then block rows are
+  merged by forward substitution: X_ij = −X_ii Σ_{j≤m<i} A_im X_mj, about C³/3 multiply-adds.
   """
   C = a.shape[-1]
   if C <= block:
-    return _product_inverse(a)
+    return _doubling_inverse(a)
   n = C // block
   blocks = jnp.stack([a[..., i * block:(i + 1) * block, i * block:(i + 1) * block]
                       for i in range(n)], axis=-3)
-  diag = _product_inverse(blocks)  # [..., n, block, block]
+  diag = _doubling_inverse(blocks)  # [..., n, block, block]
   inverse = diag[..., 0, :, :]
   for i in range(1, n):
     rows = slice(i * block, (i + 1) * block)
