@@ -40,7 +40,7 @@ def train_cmd(run_dir, *args, config=None) -> list[str]:
   return cmd + [f"--config.run_dir={run_dir}", *args]
 
 
-def run_train(run_dir, *args, jax_cache, devices=1, config=None, timeout=240):
+def run_train(run_dir, *args, jax_cache, devices=1, config=None, timeout=600):
   """Run train.py to completion; returns the CompletedProcess (stdout and stderr as text)."""
   return subprocess.run(train_cmd(run_dir, *args, config=config), cwd=REPO, text=True,
                         capture_output=True, env=env_for(jax_cache, devices), timeout=timeout)
@@ -51,7 +51,7 @@ def start_train(run_dir, *args, jax_cache, devices=1, config=None, log=None):
                           stdout=log, stderr=subprocess.STDOUT, env=env_for(jax_cache, devices))
 
 
-def wait_for(predicate, proc, timeout=180, what=""):
+def wait_for(predicate, proc, timeout=400, what=""):
   deadline = time.time() + timeout
   while time.time() < deadline:
     if predicate():

@@ -21,7 +21,7 @@ def test_lm_beats_unigram_and_samples(tmp_path, jax_cache):
                    "--config.train.checkpoint_every=150", "--config.train.log_every=10",
                    "--config.optim.lr=1e-2", "--config.optim.warmup_steps=10",
                    "--config.sample.max_new_tokens=24", "--config.sample.prompt=import ",
-                   jax_cache=jax_cache, timeout=400)
+                   jax_cache=jax_cache, timeout=900)
   assert_ok(proc)
   model_bpb, unigram_bpb = _float_after(proc.stdout, "bpb: model")
   assert unigram_bpb > 4.0                  # bytes of Python source, add-one unigram
@@ -39,14 +39,14 @@ def test_lm_beats_unigram_and_samples(tmp_path, jax_cache):
   warm = tmp_path / "warm"
   started = run_train(warm, *args, "--config.data.seq_len=64", "--config.data.batch_size=16",
                       "--config.train.steps=1", f"--config.init_from={run_dir}",
-                      jax_cache=jax_cache, timeout=300)
+                      jax_cache=jax_cache, timeout=600)
   assert_ok(started)
   assert f"initialised weights from {run_dir} (step 150)" in started.stdout
   assert metrics(warm)[0]["loss"] < train_losses[0] - 1.0
 
   out = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), f"--run_dir={run_dir}",
                         "--prompt=def ", "--max_new_tokens=16", "--temperature=0"], cwd=REPO,
-                       text=True, capture_output=True, env=env_for(jax_cache), timeout=200)
+                       text=True, capture_output=True, env=env_for(jax_cache), timeout=400)
   assert out.returncode == 0, out.stderr[-2000:]
   text = out.stdout.rstrip("\n")
   assert text.startswith("def ") and len(text.encode("utf-8", "replace")) >= 4
@@ -58,7 +58,7 @@ def test_rec_tiny_beats_most_popular(tmp_path, jax_cache):
                    "--config.train.checkpoint_every=80", "--config.train.progress=False",
                    "--config.model.num_layers=1", "--config.optim.lr=5e-3",
                    "--config.data.synthetic_users=400",
-                   config="rec_tiny.py", jax_cache=jax_cache, timeout=400)
+                   config="rec_tiny.py", jax_cache=jax_cache, timeout=900)
   assert_ok(proc)
   model_hit, popular_hit = _float_after(proc.stdout, "hit@10: model")
   final = metrics(run_dir, "eval")[-1]

@@ -74,7 +74,7 @@ def _leaves(tree):
 
 def test_unknown_key_on_the_command_line(tmp_path, jax_cache):
   _one_line_error(run_train(tmp_path / "c", *TINY, "--config.optim.warmup=3",
-                            jax_cache=jax_cache, timeout=120), 2,
+                            jax_cache=jax_cache, timeout=300), 2,
                   "config.optim.warmup: unknown config key")
 
 

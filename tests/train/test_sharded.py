@@ -75,7 +75,7 @@ def test_2x2x2_mesh_and_two_processes_match_one_device(tmp_path, jax_cache, smal
   procs = [subprocess.Popen(train_cmd(two, *dist, f"--config.distributed.process_id={i}"),
                             cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env_for(jax_cache)) for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
+  outs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, f"rc {p.returncode}\n{out[-2000:]}\n{err[-3000:]}"
   assert "'data': 2" in outs[0][0] and "parameters" not in outs[1][0]   # process 0 reports
