@@ -1,4 +1,5 @@
-"""Mechanistic probing (spec §7): D = 16, vocab 64, length 128, PRISM L = 2, 10k steps.
+"""Mechanistic probing (spec §7): D = 16 (2 heads of 8, as benchmarks/probing.py), vocab 64,
+length 128, PRISM L = 2, 10k steps.
 
 The task generators live in prism_jax.data.synthetic (data.probe_task picks one).
 """
@@ -8,7 +9,7 @@ from prism_jax.models import ModelConfig
 
 
 def get_config():
-  model = ModelConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=1, head_dim=16,
+  model = ModelConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=2, head_dim=8,
                       mixer_pattern=("prism",), solver_steps=2, chunk_size=32)
   c = base_config("probe", model)
   c.preset = "probe"
