@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from prism_jax.ops.utils import einsum32, segment_starts
+from prism_jax.ops.utils import chunked_sequence_index, einsum32, segment_starts
 
 
 def diag_decay_step(q, k, v, g, state, scale):
@@ -66,9 +66,7 @@ def chunk_diag_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=
   out_dtype = q.dtype
   pad = (-T) % C
   N = (T + pad) // C
-  starts = segment_starts(segment_ids, B, T)
-  seq = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # [B, T]
-  seq = jnp.pad(seq, ((0, 0), (0, pad)), mode="edge").reshape(B, 1, N, C)
+  seq, seq_before = chunked_sequence_index(segment_ids, B, T, C)  # [B, 1, N, C], [B, 1, N]
 
   def chunks(a):  # [B, T, H, X] → [B, H, N, C, X], zero padded (g = 0 keeps the state)
     a = jnp.pad(a.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -76,7 +74,6 @@ def chunk_diag_decay(q, k, v, g, *, initial_state=None, segment_ids=None, scale=
 
   q, k, v, g = chunks(q) * scale, chunks(k), chunks(v), chunks(g)
   G = jnp.cumsum(g, axis=3)  # [B, H, N, C, K]
-  seq_before = jnp.concatenate([seq[:, :, :1, 0], seq[:, :, :-1, -1]], axis=2)  # [B, 1, N]
   causal = jnp.tril(jnp.ones((C, C), dtype=bool))
   visible = causal & (seq[..., :, None] == seq[..., None, :])  # [B, 1, N, C, C]
   diff = G[..., :, None, :] - G[..., None, :, :]  # [B, H, N, C, C, K]

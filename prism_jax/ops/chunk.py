@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prism_jax.ops.utils import einsum32, segment_starts
+from prism_jax.ops.utils import chunked_sequence_index, einsum32
 
 
 def _doubling_inverse(a: jax.Array) -> jax.Array:
@@ -102,11 +102,7 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
   pad = (-T) % C
   N = (T + pad) // C
 
-  starts = segment_starts(segment_ids, B, T)
-  # Index of the packed sequence each position belongs to; padding continues the last one.
-  seq_index = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # [B, T]
-  if pad:
-    seq_index = jnp.concatenate([seq_index, jnp.repeat(seq_index[:, -1:], pad, axis=1)], axis=1)
+  seq, seq_before = chunked_sequence_index(segment_ids, B, T, C)  # [B, 1, N, C], [B, 1, N]
 
   f32 = lambda x: _pad_time(x.astype(jnp.float32), pad)
   q = _chunk_major(f32(q), C) * scale  # [B, H, N, C, K]
@@ -118,10 +114,6 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
   w = stack(beta[..., None] * v)  # W^l = β^l δ^l: [B, H, N, L·C, V]
   b1 = _chunk_major(f32(beta[..., 0]), C)  # [B, H, N, C]
   k1 = keys[..., :C, :]  # K₁: [B, H, N, C, K]
-  seq = seq_index.reshape(B, 1, N, C)
-  # The sequence index just before each chunk (the chunk's incoming state); chunk 0 continues
-  # the initial state into the first sequence.
-  seq_before = jnp.concatenate([seq[:, :, :1, 0], seq[:, :, :-1, -1]], axis=2)  # [B, 1, N]
 
   G = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
   same_seq = seq[..., :, None] == seq[..., None, :]  # [B, 1, N, C, C]
