@@ -193,7 +193,7 @@ def compile_check(configs, writes=(1, 3), B=1, T=256, H=2, D=128):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--quick", action="store_true", help="first shape, L = 1 and 2 only")
+  parser.add_argument("--quick", action="store_true", help="first shape, L = 1 and 2 only, no memory run")
   parser.add_argument("--skip-naive", action="store_true")
   parser.add_argument("--memory", action="store_true")
   parser.add_argument("--json", default=None)
@@ -236,10 +236,12 @@ def main():
       row["floor"] = (floor_ms(B, T, H, D, L), floor_ms(B, T, H, D, L, backward=True))
       rows.append(row)
       print(json.dumps(row), flush=True)
-  memory = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory"],
-                          capture_output=True, text=True)
-  mem = json.loads(memory.stdout.strip().splitlines()[-1]) if memory.returncode == 0 else {
-      "error": memory.stderr[-2000:]}
+  mem = None
+  if not a.quick:
+    memory = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory"],
+                            capture_output=True, text=True)
+    mem = json.loads(memory.stdout.strip().splitlines()[-1]) if memory.returncode == 0 else {
+        "error": memory.stderr[-2000:]}
   print(json.dumps({"memory": mem}))
   if a.json:
     with open(a.json, "w") as f:
