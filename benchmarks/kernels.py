@@ -148,37 +148,45 @@ def peak_memory():
           "output_bytes": getattr(stats, "output_size_in_bytes", -1)}
 
 
+def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False):
+  """The five GPU kernels alone as jitted functions with concrete inputs: {name: (fn, args)}."""
+  from pallas_kernels.gpu import kernels as gk
+  from pallas_kernels.gpu.prism import grads_precision
+  from pallas_kernels.prism import kernel_inputs
+  (q, k, v, beta, g), do = make_inputs(B, T, H, D, L, seed)
+  G, seq, prev = kernel_inputs(g, None, B, T, CHUNK)
+  kw = dict(bs=bs, precision=None, interpret=interpret)
+  rows = jnp.zeros((B, T, H, D), jnp.float32)
+  state = jnp.zeros((B, H, D, D), jnp.float32)
+  h = jnp.zeros((B, H, T // CHUNK * D, D), jnp.float32)
+  grads_kw = dict(kw, precision=grads_precision(q.dtype))
+  return {
+      "prepare": (jax.jit(lambda *a: gk.prepare(*a, **kw)), (k, v, beta, G, seq, prev)),
+      "state_forward": (jax.jit(lambda *a: gk.state_forward(*a, **kw)),
+                        (k, v, beta, G, seq, prev, rows, rows, state)),
+      "output": (jax.jit(lambda *a: gk.output(*a, scale=0.1, **kw)),
+                 (q, k, v, beta, G, seq, prev, rows, h)),
+      "state_backward": (jax.jit(lambda *a: gk.state_backward(*a, scale=0.1, **kw)),
+                         (q, k, G, seq, prev, rows, do, state)),
+      "grads": (jax.jit(lambda *a: gk.grads(*a, scale=0.1, **grads_kw)),
+                (q, k, v, beta, G, seq, prev, h, h, do)),
+  }
+
+
+def _block_sizes(cfg):
+  from pallas_kernels.gpu import kernels as gk
+  block_v, warps, stages = cfg
+  return gk.BlockSizes(chunk=CHUNK, block_v=block_v, num_warps=warps, num_stages=stages)
+
+
 def compile_check(configs, writes=(1, 3), B=1, T=256, H=2, D=128):
   """Compile every GPU kernel alone for each tiling; print which fit (Triton shared memory)."""
-  from pallas_kernels.gpu import kernels as gk
-  from pallas_kernels.prism import kernel_inputs
   ok = {}
   for cfg in configs:
-    block_v, warps, stages = cfg
-    bs = gk.BlockSizes(chunk=CHUNK, block_v=block_v, num_warps=warps, num_stages=stages)
     for L in writes:
-      (q, k, v, beta, g), do = make_inputs(B, T, H, D, L)
-      G, seq, prev = kernel_inputs(g, None, B, T, CHUNK)
-      kw = dict(bs=bs, precision=None, interpret=False)
-      f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
-      N = T // CHUNK
-      h = f32(B, H, N * D, D)
-      stages_fns = {
-          "prepare": (lambda: jax.jit(lambda *a: gk.prepare(*a, **kw)).lower(
-              k, v, beta, G, seq, prev)),
-          "state_forward": (lambda: jax.jit(lambda *a: gk.state_forward(*a, **kw)).lower(
-              k, v, beta, G, seq, prev, f32(B, T, H, D), f32(B, T, H, D), f32(B, H, D, D))),
-          "output": (lambda: jax.jit(lambda *a: gk.output(*a, scale=0.1, **kw)).lower(
-              q, k, v, beta, G, seq, prev, f32(B, T, H, D), h)),
-          "state_backward": (lambda: jax.jit(lambda *a: gk.state_backward(
-              *a, scale=0.1, **kw)).lower(q, k, G, seq, prev, f32(B, T, H, D), do,
-                                         f32(B, H, D, D))),
-          "grads": (lambda: jax.jit(lambda *a: gk.grads(*a, scale=0.1, **kw)).lower(
-              q, k, v, beta, G, seq, prev, h, h, do)),
-      }
-      for name, lower in stages_fns.items():
+      for name, (fn, args) in stage_calls(_block_sizes(cfg), B, T, H, D, L).items():
         try:
-          lower().compile()
+          fn.lower(*args).compile()
           res = "ok"
         except Exception as err:  # report and go on: the point is the table
           res = str(err).split("\n")[0][-90:]
@@ -191,11 +199,26 @@ def compile_check(configs, writes=(1, 3), B=1, T=256, H=2, D=128):
   return good
 
 
+def stage_times(cfg, shape, writes):
+  """Milliseconds of each kernel alone at one shape (where the time of the Pallas path goes)."""
+  B, T, H, D = shape
+  for L in writes:
+    row = {"shape": f"B{B} T{T} H{H} K=V={D}", "L": L, "tiling": cfg}
+    for name, (fn, args) in stage_calls(_block_sizes(cfg), B, T, H, D, L).items():
+      try:
+        row[name] = median_ms(lambda: jax.block_until_ready(fn(*args)))
+      except Exception as err:  # one stage failing must not hide the others
+        row[name] = str(err).split("\n")[0][-90:]
+    print(json.dumps({"stages": row}), flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true", help="first shape, L = 1 and 2 only, no memory run")
   parser.add_argument("--skip-naive", action="store_true")
   parser.add_argument("--memory", action="store_true")
+  parser.add_argument("--stages", action="store_true",
+                      help="time each kernel alone at the first shape, L = 1 and 2")
   parser.add_argument("--json", default=None)
   parser.add_argument("--compile-check", default=None,
                       help='tilings to try, e.g. "64,4,2;32,4,1"; the first that compiles is '
@@ -209,6 +232,11 @@ def main():
     return
   if a.memory:
     print(json.dumps(peak_memory()))
+    return
+  if a.stages:
+    from pallas_kernels.prism import gpu_block_sizes
+    bs = gpu_block_sizes(CHUNK, interpret=False)
+    stage_times((bs.block_v, bs.num_warps, bs.num_stages), SHAPES[0], (1, 2))
     return
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
   rows = []

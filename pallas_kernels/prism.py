@@ -37,15 +37,32 @@ def _fall_back(reason: str) -> None:
                   stacklevel=3)
 
 
-def unsupported_reason(q, v, chunk_size) -> str | None:
+# Compiled GPU kernels hold a chunk's key, value and gradient tiles in shared memory (227 KB on
+# Hopper). Measured on the H200: float32 inputs at padded K = V = 128 with L = 4 asked for 329 KB;
+# bf16 operands halve the tiles. These bounds are what was compiled there (benchmarks/RESULTS.md).
+GPU_MAX_HEAD_DIM = {"float32": 64, "bfloat16": 128, "float16": 128}
+GPU_MAX_WRITES_AT_128 = 3
+
+
+def unsupported_reason(q, v, chunk_size, *, backend="gpu", interpret=True) -> str | None:
   """Why the kernels cannot take these shapes, or None when they can."""
   K, L, V = q.shape[-1], v.shape[-2], v.shape[-1]
+  dim = max(_padded_dim(K), _padded_dim(V))
   if L > MAX_WRITES:
     return f"L = {L} write keys per token (at most {MAX_WRITES})"
-  if max(_padded_dim(K), _padded_dim(V)) > MAX_HEAD_DIM:
+  if dim > MAX_HEAD_DIM:
     return f"head dims K = {K}, V = {V} (at most {MAX_HEAD_DIM})"
   if chunk_size > MAX_CHUNK:
     return f"chunk_size = {chunk_size} (at most {MAX_CHUNK})"
+  if backend == "gpu" and not interpret:
+    dtype = jnp.dtype(q.dtype).name
+    limit = GPU_MAX_HEAD_DIM.get(dtype, 64)
+    if dim > limit:
+      return (f"{dtype} inputs with head dims K = {K}, V = {V} (padded {dim}; the compiled GPU "
+              f"kernels take at most {limit} in {dtype}: cast to bfloat16 or use impl='chunk')")
+    if dim > 64 and L > GPU_MAX_WRITES_AT_128:
+      return (f"L = {L} write keys at padded head dim {dim} (the compiled GPU kernels take at "
+              f"most L = {GPU_MAX_WRITES_AT_128} there)")
   return None
 
 
@@ -168,7 +185,7 @@ def pallas_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fal
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
   if interpret is None:
     interpret = platform != backend
-  reason = unsupported_reason(q, v, chunk_size)
+  reason = unsupported_reason(q, v, chunk_size, backend=backend, interpret=interpret)
   if reason is not None:
     _fall_back(reason)
     return chunk_prism(q, k, v, beta, g, initial_state=initial_state,

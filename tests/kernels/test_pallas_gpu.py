@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from kernel_checks import CASES, case_id, check_against_naive
-from pallas_kernels import pallas_prism
+from pallas_kernels import pallas_prism, unsupported_reason
 from prism_jax.ops import chunk_prism
 from prism_jax.testing import assert_close, random_prism_inputs
 
@@ -31,6 +31,19 @@ def test_unsupported_shape_falls_back_with_one_warning():
   messages = [str(w.message) for w in caught if "falls back" in str(w.message)]
   assert len(messages) == 1 and "L = 5" in messages[0], messages
   assert_close("o", chunk_prism(q, k, v, beta, g, chunk_size=16)[0], o)
+
+
+def test_compiled_gpu_limits_name_the_reason():
+  # Static rule for the compiled GPU kernels (shared memory); interpret mode takes every shape.
+  x = lambda K, L, dtype: (jax.numpy.zeros((1, 8, 1, K), dtype),
+                           jax.numpy.zeros((1, 8, 1, L, K), dtype))
+  compiled = dict(backend="gpu", interpret=False)
+  assert "float32" in unsupported_reason(*x(96, 1, "float32"), 64, **compiled)
+  assert unsupported_reason(*x(64, 4, "float32"), 64, **compiled) is None
+  assert unsupported_reason(*x(128, 3, "bfloat16"), 64, **compiled) is None
+  assert "L = 4" in unsupported_reason(*x(128, 4, "bfloat16"), 64, **compiled)
+  assert unsupported_reason(*x(96, 4, "float32"), 64, backend="gpu", interpret=True) is None
+  assert unsupported_reason(*x(96, 4, "float32"), 64, backend="tpu", interpret=False) is None
 
 
 def test_rejects_unknown_backward():

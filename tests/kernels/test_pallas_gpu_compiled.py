@@ -1,13 +1,18 @@
 """The GPU kernels compiled for a real GPU (skipped without one): interpret-mode cases, plus
-L = 4, a non-power-of-two head dim, and the acceptance shape B4 T4096 H16 K=V=128 L=2 bf16
+L = 4, a non-power-of-two head dim, the shared-memory fallback, and the acceptance shape B4 T4096 H16 K=V=128 L=2 bf16
 against the sequential reference. Few distinct shapes: every new shape recompiles the five
 kernels (the gradient kernel took about two minutes to compile on the H200 at K = V = 128)."""
+
+import warnings
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from kernel_checks import CASES, case_id, check_against_naive
+from pallas_kernels import pallas_prism
+from prism_jax.ops import naive_prism
+from prism_jax.testing import assert_close, random_prism_inputs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -17,7 +22,8 @@ pytestmark = [
 GPU_CASES = [
     CASES[0],
     CASES[1],
-    (2, 300, 3, 96, 96, 4, 64, True, True, jnp.float32),
+    (2, 300, 3, 96, 96, 3, 64, True, True, jnp.bfloat16),
+    (1, 200, 2, 64, 48, 4, 64, True, True, jnp.float32),
     (2, 1000, 4, 64, 64, 2, 64, True, True, jnp.bfloat16),
 ]
 
@@ -28,7 +34,16 @@ def test_compiled_matches_naive(case):
 
 
 def test_compiled_jax_backward_matches_naive():
-  check_against_naive(GPU_CASES[2], backend="gpu", interpret=False, backward="jax", seed=5)
+  check_against_naive(GPU_CASES[3], backend="gpu", interpret=False, backward="jax", seed=5)
+
+
+def test_float32_at_head_dim_128_falls_back_once_and_matches():
+  q, k, v, beta, g, _ = random_prism_inputs(jax.random.key(6), 1, 70, 2, 96, 96, 2)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    o, _ = pallas_prism(q, k, v, beta, g, interpret=False)
+  assert [str(w.message) for w in caught if "falls back" in str(w.message)], "no warning"
+  assert_close("o", naive_prism(q, k, v, beta, g)[0], o)
 
 
 @pytest.mark.slow
