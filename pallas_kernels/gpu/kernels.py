@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import chunk_math as cm
+from prism_jax.ops import chunk_math as cm
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import chunk_math as cm
+from prism_jax.ops import chunk_math as cm
 from pallas_kernels.tpu import kernels
 from pallas_kernels.tpu.kernels import BlockSizes
 

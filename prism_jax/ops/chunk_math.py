@@ -13,7 +13,8 @@ keys (K¹ also erases), W^l = β^l ⊙ δ^l, Q = scale · q and S the incoming s
     O    = γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l          Y¹ = X, Y^l = W^l (l ≥ 2)
     S'   = γ_C S + Σ_l (K^l ⊙ e)ᵀ Y^l
 
-`chunk_grads` is the hand-derived reverse of these formulas (derived in the README beside this).
+`chunk_grads` is the hand-derived reverse of these formulas (derived in
+`pallas_kernels/README.md`).
 Column vectors are [C, 1], row vectors [1, C], per-chunk scalars [1, 1].
 """
 
