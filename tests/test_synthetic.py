@@ -1,12 +1,14 @@
 """Probing task generators: every answer re-derived from the tokens by an independent reader,
 layout (noise, blocks, query, mask), balance, randomness of positions, determinism, validation."""
 
+import jax
 import numpy as np
 import pytest
 
 from prism_jax.data import synthetic as S
 
-T = 48
+# One batch shape for every test, so each task's generator is compiled once.
+B, T = 1024, 128
 
 
 def _pattern(row, query_len):
@@ -67,9 +69,9 @@ READERS = {
 @pytest.mark.parametrize("task", sorted(S.TASKS))
 def test_answers_follow_from_the_tokens(task):
   seed = int(np.random.default_rng().integers(2**31))
-  b = S.make_batch(task, 64, T, 64, seed)
+  b = S.make_batch(task, B, T, 64, seed)
   tokens, targets, mask = b["tokens"], b["targets"], b["mask"]
-  assert tokens.shape == targets.shape == mask.shape == (64, T)
+  assert tokens.shape == targets.shape == mask.shape == (B, T)
   assert tokens.dtype == targets.dtype == np.int32 and mask.dtype == bool
   assert tokens.min() >= 0 and tokens.max() < S.MIN_VOCAB
   for row, tgt, m in zip(tokens, targets, mask):
@@ -81,28 +83,45 @@ def test_answers_follow_from_the_tokens(task):
 
 @pytest.mark.parametrize("task", sorted(S.TASKS))
 def test_balance_and_positions(task):
-  b = S.make_batch(task, 1000, 128, 64, 7)
+  # A fixed seed: over 1024 draws a fresh one would miss the 0.05 band now and then.
+  b = S.make_batch(task, B, T, 64, 7)
   answers = b["targets"][b["mask"]]
   negative = {"local_xor": S.NO, "parity": S.NO, "palindrome": S.NO, "silence_gate": S.NULL}
   if task in negative:
     # Binary outcomes are balanced, so a constant guess scores about 1/2.
     assert abs(np.mean(answers == negative[task]) - 0.5) < 0.05
   # The first pattern token lands anywhere in the sequence, not at a fixed offset.
-  body = b["tokens"][:, :128 - 2]
+  body = b["tokens"][:, :T - 2]
   first = np.argmax(body < S.NOISE[0], axis=1)
   assert first.min() < 20 and np.percentile(first, 90) > 30 and len(np.unique(first)) > 30
 
 
 def test_deterministic_in_the_seed():
-  a, b, c = (S.make_batch("mqar", 8, 64, 64, s) for s in (3, 3, 4))
+  a, b, c = (S.make_batch("mqar", B, T, 64, s) for s in (3, 3, 4))
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
   assert not np.array_equal(a["tokens"], c["tokens"])
 
 
 def test_larger_vocab_emits_the_same_ids():
-  a, b = S.make_batch("parity", 4, 32, 64, 1), S.make_batch("parity", 4, 32, 100, 1)
+  a, b = S.make_batch("parity", B, T, 64, 1), S.make_batch("parity", B, T, 100, 1)
   np.testing.assert_array_equal(a["tokens"], b["tokens"])
+
+
+def test_sample_under_jit_and_vmap_matches_single_calls():
+  """The training loop draws batches inside jit / vmap from keys; they must be the same
+  batches as one call per key."""
+  keys = jax.random.split(jax.random.key(int(np.random.default_rng().integers(2**31))), 3)
+  stacked = jax.jit(jax.vmap(lambda k: S.sample("mqar", k, B, T)))(keys)
+  for i, key in enumerate(keys):
+    one = S.sample("mqar", key, B, T)
+    for name in one:
+      np.testing.assert_array_equal(stacked[name][i], one[name])
+
+
+def test_a_pattern_cannot_outgrow_its_draws():
+  with pytest.raises(ValueError, match="NUM_DRAWS"):
+    S.Draws(np.zeros(4, np.float32)).integers(0, 2, 5)
 
 
 @pytest.mark.parametrize("kwargs, match", [
