@@ -37,9 +37,9 @@ PEAK_FLOPS, PEAK_BYTES = 790e12, 4.3e12
 CHUNK = 64
 
 
-def make_inputs(B, T, H, D, L, seed=0):
+def make_inputs(B, T, H, D, L, seed=0, dtype=jnp.bfloat16):
   ks = jax.random.split(jax.random.key(seed), 6)
-  bf = jnp.bfloat16
+  bf = dtype
   q = jax.random.normal(ks[0], (B, T, H, D))
   k = jax.random.normal(ks[1], (B, T, H, L, D))
   k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
@@ -148,20 +148,23 @@ def peak_memory():
           "output_bytes": getattr(stats, "output_size_in_bytes", -1)}
 
 
-def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False):
+def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16):
   """The five GPU kernels alone as jitted functions with concrete inputs: {name: (fn, args)}."""
+  from prism_jax.ops import chunk_math as cm
   from pallas_kernels.gpu import kernels as gk
-  from pallas_kernels.gpu.prism import grads_precision
+  from pallas_kernels.gpu.prism import grads_precision, solve_precision
   from pallas_kernels.prism import kernel_inputs
-  (q, k, v, beta, g), do = make_inputs(B, T, H, D, L, seed)
+  (q, k, v, beta, g), do = make_inputs(B, T, H, D, L, seed, dtype)
   G, seq, prev = kernel_inputs(g, None, B, T, CHUNK)
-  kw = dict(bs=bs, precision=None, interpret=interpret)
+  kw = dict(bs=bs, precision=cm.matmul_precision(dtype), interpret=interpret)
   rows = jnp.zeros((B, T, H, D), jnp.float32)
   state = jnp.zeros((B, H, D, D), jnp.float32)
   h = jnp.zeros((B, H, T // CHUNK * D, D), jnp.float32)
-  grads_kw = dict(kw, precision=grads_precision(q.dtype))
+  grads_kw = dict(kw, precision=grads_precision(q.dtype),
+                  solve=solve_precision(dtype, interpret))
   return {
-      "prepare": (jax.jit(lambda *a: gk.prepare(*a, **kw)), (k, v, beta, G, seq, prev)),
+      "prepare": (jax.jit(lambda *a: gk.prepare(*a, solve=grads_kw["solve"], **kw)),
+                  (k, v, beta, G, seq, prev)),
       "state_forward": (jax.jit(lambda *a: gk.state_forward(*a, **kw)),
                         (k, v, beta, G, seq, prev, rows, rows, state)),
       "output": (jax.jit(lambda *a: gk.output(*a, scale=0.1, **kw)),
@@ -179,19 +182,20 @@ def _block_sizes(cfg):
   return gk.BlockSizes(chunk=CHUNK, block_v=block_v, num_warps=warps, num_stages=stages)
 
 
-def compile_check(configs, writes=(1, 3), B=1, T=256, H=2, D=128):
+def compile_check(configs, writes=(1, 3), B=1, T=256, H=2, D=128, dtype=jnp.bfloat16):
   """Compile every GPU kernel alone for each tiling; print which fit (Triton shared memory)."""
   ok = {}
   for cfg in configs:
     for L in writes:
-      for name, (fn, args) in stage_calls(_block_sizes(cfg), B, T, H, D, L).items():
+      calls = stage_calls(_block_sizes(cfg), B, T, H, D, L, dtype=dtype)
+      for name, (fn, args) in calls.items():
         try:
           fn.lower(*args).compile()
           res = "ok"
         except Exception as err:  # report and go on: the point is the table
           res = str(err).split("\n")[0][-90:]
         ok[(cfg, L, name)] = res == "ok"
-        print(f"compile {cfg} L={L} {name}: {res}", flush=True)
+        print(f"compile {cfg} {jnp.dtype(dtype).name} D={D} L={L} {name}: {res}", flush=True)
   good = [c for c in configs if all(ok[(c, L, n)] for L in writes
                                     for n in ("prepare", "state_forward", "output",
                                               "state_backward", "grads"))]
@@ -223,10 +227,14 @@ def main():
   parser.add_argument("--compile-check", default=None,
                       help='tilings to try, e.g. "64,4,2;32,4,1"; the first that compiles is '
                            'written to stdout as PRISM_GPU_BLOCKS=...')
+  parser.add_argument("--dtype", default="bfloat16", help="inputs of --compile-check")
+  parser.add_argument("--dim", type=int, default=128, help="K = V of --compile-check")
+  parser.add_argument("--writes", default="1,3", help="L values of --compile-check")
   a = parser.parse_args()
   if a.compile_check:
     configs = [tuple(int(x) for x in c.split(",")) for c in a.compile_check.split(";")]
-    good = compile_check(configs)
+    good = compile_check(configs, tuple(int(x) for x in a.writes.split(",")), D=a.dim,
+                         dtype=jnp.dtype(a.dtype))
     if good:
       print("PRISM_GPU_BLOCKS=" + ",".join(map(str, good[0])))
     return

@@ -58,13 +58,13 @@ def _gates(G_ref, seq_ref, prev_ref, sl=slice(None)):
 
 # Kernel bodies.
 
-def _prepare_kernel(*refs, L, precision):
+def _prepare_kernel(*refs, L, precision, solve):
   k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, u_ref, wk_ref) = cm.split_refs(
       refs, (L, L, L, 5))
   gates = _gates(G_ref, seq_ref, prev_ref)
   k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ and Q K^lᵀ stay bf16 products for bf16
   w = [_col(b[...]) * r[...].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
-  intra = cm.intra_chunk(k, w, _col(beta_refs[0][...]), gates, precision)
+  intra = cm.intra_chunk(k, w, _col(beta_refs[0][...]), gates, precision, solve)
   u_ref[...] = intra.u
   wk_ref[...] = intra.wk
 
@@ -117,7 +117,7 @@ def _state_backward_kernel(q_ref, k1_ref, G_ref, seq_ref, prev_ref, wk_ref, do_r
   dh0_ref[...] = jax.lax.fori_loop(0, N, body, dhT_ref[...])
 
 
-def _grads_kernel(*refs, L, scale, precision):
+def _grads_kernel(*refs, L, scale, precision, solve):
   ((q_ref,), k_refs, v_refs, beta_refs,
    (G_ref, seq_ref, prev_ref, h_ref, dh_ref, do_ref, dq_ref),
    dk_refs, dv_refs, dbeta_refs, (dG_ref,)) = cm.split_refs(refs, (1, L, L, L, 7, L, L, L, 1))
@@ -127,7 +127,7 @@ def _grads_kernel(*refs, L, scale, precision):
   v = [r[...].astype(jnp.float32) for r in v_refs]
   beta = [_col(r[...]) for r in beta_refs]
   g = cm.chunk_grads(q, k, v, beta, h_ref[...], dh_ref[...], do_ref[...].astype(jnp.float32),
-                     gates, precision)
+                     gates, precision, solve)
   dq_ref[...] = g.dq * scale
   for r, x in zip(dk_refs, g.dk):
     r[...] = x
@@ -169,15 +169,16 @@ def _block_v(bs: BlockSizes, V: int) -> int:
   return min(bs.block_v, V)
 
 
-def prepare(k, v, beta, G, seq, prev, *, bs: BlockSizes, precision, interpret):
+def prepare(k, v, beta, G, seq, prev, *, bs: BlockSizes, precision, interpret,
+            solve=cm.HIGHEST):
   """U [B,T,H,V] and Wk [B,T,H,K] (float32) of every chunk. Each value block recomputes the
-  (I + A)⁻¹ of its chunk and writes the same Wk."""
+  (I + A)⁻¹ of its chunk and writes the same Wk. solve: precision of the (I + A)⁻¹ products."""
   B, T, H, L, K = k.shape
   V, C = v.shape[-1], bs.chunk
   BV = _block_v(bs, V)
   s = _chunk_specs(L, C, K, BV, H)
   return pl.pallas_call(
-      functools.partial(_prepare_kernel, L=L, precision=precision),
+      functools.partial(_prepare_kernel, L=L, precision=precision, solve=solve),
       grid=(B * H, T // C, V // BV),
       in_specs=[*s["k"], *s["v"], *s["beta"], s["G"], s["seq"], s["seq"]],
       out_specs=[s["rows_v"], s["rows_k"]],
@@ -260,7 +261,7 @@ def state_backward(q, k, G, seq, prev, wk, do, dhT, *, scale, bs: BlockSizes, pr
 
 
 def grads(q, k, v, beta, G, seq, prev, h, dh, do, *, scale, bs: BlockSizes, precision,
-          interpret):
+          interpret, solve=cm.HIGHEST):
   """Float32 cotangents: dq [B,T,H,K], L × dk, L × dv [B,T,H,V], L × dβ, dG [B,T,H].
 
   Every cotangent on the key or gate side is a sum over value columns, so each value block
@@ -272,7 +273,7 @@ def grads(q, k, v, beta, G, seq, prev, h, dh, do, *, scale, bs: BlockSizes, prec
   s = _chunk_specs(L, C, K, BV, H)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   out = pl.pallas_call(
-      functools.partial(_grads_kernel, L=L, scale=scale, precision=precision),
+      functools.partial(_grads_kernel, L=L, scale=scale, precision=precision, solve=solve),
       grid=(B * H, T // C, nV),
       in_specs=[s["q"], *s["k"], *s["v"], *s["beta"], s["G"], s["seq"], s["seq"], s["h"], s["h"],
                 s["rows_v"]],

@@ -21,6 +21,14 @@ def grads_precision(dtype):
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else cm.BF16
 
 
+def solve_precision(dtype, interpret: bool):
+  """Precision of the (I + A)⁻¹ products: float32 on CUDA cores for float32 inputs and in
+  interpret mode; three TF32 tensor-core products (float32-level accuracy) for bf16 inputs."""
+  if interpret or jnp.dtype(dtype) == jnp.float32:
+    return cm.HIGHEST
+  return cm.TF32X3
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
 def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interpret: bool):
   """Chunked recurrence on kernel-ready arrays: T a multiple of bs.chunk, K and V powers of two.
@@ -36,7 +44,8 @@ def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interp
 
 def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
   kw = dict(bs=bs, precision=cm.matmul_precision(q.dtype), interpret=interpret)
-  u, wk = kernels.prepare(k, v, beta, G, seq, prev, **kw)
+  u, wk = kernels.prepare(k, v, beta, G, seq, prev, solve=solve_precision(q.dtype, interpret),
+                          **kw)
   h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, **kw)
   o = kernels.output(q, k, v, beta, G, seq, prev, x, h, scale=scale, **kw)
   return o, hT, (q, k, v, beta, G, seq, prev, wk, h)
@@ -53,7 +62,8 @@ def _bwd(scale, bs, interpret, res, cotangents):
   kw = dict(scale=scale, bs=bs, precision=cm.matmul_precision(q.dtype), interpret=interpret)
   dh, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, dhT.astype(jnp.float32), **kw)
   kw["precision"] = grads_precision(q.dtype)
-  dq, dk, dv, dbeta, dG = kernels.grads(q, k, v, beta, G, seq, prev, h, dh, do, **kw)
+  dq, dk, dv, dbeta, dG = kernels.grads(q, k, v, beta, G, seq, prev, h, dh, do,
+                                        solve=solve_precision(q.dtype, interpret), **kw)
   return (dq.astype(q.dtype), jnp.stack(dk, axis=3).astype(k.dtype),
           jnp.stack(dv, axis=3).astype(v.dtype), jnp.stack(dbeta, axis=3).astype(beta.dtype),
           dG, jnp.zeros_like(seq), jnp.zeros_like(prev), dh0)

@@ -27,6 +27,9 @@ import jax.numpy as jnp
 from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
+# Three TF32 tensor-core products per float32 product (hi·hi + hi·lo + lo·hi): float32-level
+# accuracy at tensor-core speed, for the (I + A)⁻¹ products of compiled GPU kernels.
+TF32X3 = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 BF16 = "bf16"  # precision mode: round both operands to bf16, accumulate in float32
@@ -103,7 +106,7 @@ def chunk_gates(G_col, G_row, seq_col, seq_row, prev_col) -> ChunkGates:
   return ChunkGates(decay, causal, strict, gamma, to_end, gamma_last, is_last)
 
 
-def unit_lower_inverse(a):
+def unit_lower_inverse(a, solve=HIGHEST):
   """(I + A)⁻¹ for strictly lower-triangular A [C, C] (C a power of two), in full float32.
 
   Block doubling: if T_s inverts the diagonal s×s blocks of I + A and E_s holds the entries of A
@@ -120,7 +123,7 @@ def unit_lower_inverse(a):
     couple = (((rows >> (level + 1)) == (cols >> (level + 1)))
               & ((rows >> level) != (cols >> level)))
     e = jnp.where(couple, a, 0.0)
-    inv = inv - mm(mm(inv, e, HIGHEST), inv, HIGHEST)
+    inv = inv - mm(mm(inv, e, solve), inv, solve)
     s *= 2
   return inv
 
@@ -136,10 +139,12 @@ class Intra(NamedTuple):
   wk: jax.Array  # [C, K]
 
 
-def intra_chunk(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision) -> Intra:
-  """U and Wk of one chunk. k: L arrays [C, K]; w: L arrays W^l [C, V]; b1: β¹ [C, 1]."""
+def intra_chunk(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision,
+                solve=HIGHEST) -> Intra:
+  """U and Wk of one chunk. k: L arrays [C, K]; w: L arrays W^l [C, V]; b1: β¹ [C, 1].
+  solve: precision of the (I + A)⁻¹ products (float32-accurate: HIGHEST or TF32X3)."""
   a_raw = jnp.where(gates.strict, mm(k[0], k[0], precision, tb=True) * gates.decay, 0.0)
-  inv = unit_lower_inverse(b1 * a_raw)
+  inv = unit_lower_inverse(b1 * a_raw, solve)
   rhs = w[0]
   m_raw = []
   for kl, wl in zip(k[1:], w[1:]):
@@ -147,8 +152,8 @@ def intra_chunk(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision) -> I
     m_raw.append(m)
     rhs = rhs - mm(b1 * m, wl, precision)
   bk = (b1 * gates.gamma) * k[0]
-  u = mm(inv, rhs, HIGHEST)
-  wk = mm(inv, bk, HIGHEST)
+  u = mm(inv, rhs, solve)
+  wk = mm(inv, bk, solve)
   return Intra(inv, a_raw, tuple(m_raw), rhs, bk, u, wk)
 
 
@@ -189,7 +194,7 @@ class ChunkGrads(NamedTuple):
 
 
 def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,
-                gates: ChunkGates, precision) -> ChunkGrads:
+                gates: ChunkGates, precision, solve=HIGHEST) -> ChunkGrads:
   """Cotangents of one chunk's inputs given its incoming state S, the cotangent dS' of its
   outgoing state and dO, by reversing the forward formulas (recomputing U, Wk and X).
 
@@ -199,7 +204,7 @@ def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,
   L = len(k)
   w = [b * vl for b, vl in zip(beta, v)]
   b1 = beta[0]
-  intra = intra_chunk(k, w, b1, gates, precision)
+  intra = intra_chunk(k, w, b1, gates, precision, solve)
   x = intra.u - mm(intra.wk, state, precision)
   ys = (x, *w[1:])
 
@@ -224,8 +229,8 @@ def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,
 
   # X = U − Wk S with U = T rhs, Wk = T bk, T = (I + A)⁻¹: dA = −strict(dR Uᵀ + dBk Wkᵀ).
   dx = dys[0]
-  dr = mm(intra.inv, dx, HIGHEST, ta=True)
-  dbk = -mm(intra.inv, mm(dx, state, precision, tb=True), HIGHEST, ta=True)
+  dr = mm(intra.inv, dx, solve, ta=True)
+  dbk = -mm(intra.inv, mm(dx, state, precision, tb=True), solve, ta=True)
   da = -jnp.where(gates.strict, mm(dr, intra.u, precision, tb=True)
                   + mm(dbk, intra.wk, precision, tb=True), 0.0)
   dw = [dr] + [dys[i] for i in range(1, L)]

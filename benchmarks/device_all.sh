@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One call on a 4-GPU H200 machine: four single-GPU jobs side by side (one GPU each), then the
+# multi-GPU scaling run on all four. Everything lands in $OUT/results.tgz (+ jcache.tgz).
+#   bash benchmarks/device_all.sh            (carry: .whl for flash-linear-attention, .jcache)
+# Phase limits (seconds) come from PHASE_A / PHASE_B; each job is killed at its limit and keeps
+# the rows it already printed.
+set -o pipefail
+OUT=${OUT:-/tmp/prism_out}
+LOG=$OUT/logs
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# NVLink multicast stays off on shared hosts (JAX uses NCCL for its collectives).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export JAX_COMPILATION_CACHE_DIR=$PWD/.jcache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:$PWD/tests/kernels:${PYTHONPATH:-}
+{ date -u; git log -1 --format=%H 2>/dev/null; nvidia-smi --query-gpu=index,name,memory.total \
+  --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } \
+  > "$LOG/env.txt" 2>&1
+A=${PHASE_A:-330}
+B=${PHASE_B:-230}
+on() { local gpu=$1 name=$2; shift 2
+  ( CUDA_VISIBLE_DEVICES=$gpu timeout "$A" "$@" > "$LOG/$name.log" 2>&1
+    echo "[$name rc=$?]" >> "$LOG/$name.log" ) & }
+on 0 throughput python3 benchmarks/throughput.py ${THROUGHPUT_ARGS:-} --json "$LOG/throughput.json" \
+  --markdown "$LOG/throughput.md"
+on 1 kernel_tests python3 -m pytest -q -p no:cacheprovider tests/kernels/test_pallas_gpu_compiled.py \
+  --durations=10
+on 2 probing python3 benchmarks/probing.py ${PROBING_ARGS:-} --json "$LOG/probing.json" \
+  --markdown "$LOG/probing.md"
+# Which (dtype, head dim, L) the compiled kernels fit in shared memory: one compile per process.
+on 3 kernel_bench bash -c "for d in float32 bfloat16; do for D in 64 128; do for L in 1 2 3 4; do \
+  python3 -W ignore benchmarks/kernels.py --compile-check \${PRISM_GPU_BLOCKS:-64,4,2} --dtype \$d \
+  --dim \$D --writes \$L > $LOG/compile_\${d}_\${D}_\$L.txt 2>&1 & done; done; done; wait; \
+  grep -h '^compile' $LOG/compile_*.txt; rm -f $LOG/compile_*.txt; \
+  python3 -W ignore benchmarks/kernels.py --stages; \
+  python3 -W ignore benchmarks/kernels.py ${KERNEL_ARGS:---quick --skip-naive} --json $LOG/kernels.json"
+wait
+echo "phase A done $(date -u)" >> "$LOG/env.txt"
+timeout "$B" python3 benchmarks/scaling.py ${SCALING_ARGS:-} --json "$LOG/scaling.json" \
+  --markdown "$LOG/scaling.md" > "$LOG/scaling.log" 2>&1
+echo "[scaling rc=$?]" >> "$LOG/scaling.log"
+echo "phase B done $(date -u)" >> "$LOG/env.txt"
+tail -n 25 "$LOG"/*.log
+tar czf "$OUT/results.tgz" -C "$OUT" logs && rm -rf "$LOG"
+tar czf "$OUT/jcache.tgz" .jcache 2>/dev/null
+ls -la "$OUT"
