@@ -1,8 +1,8 @@
 """The chunked form of the PRISM recurrence (spec §4.3): the algorithm the kernels implement.
 
 T is split into chunks of C positions. With local cumulative log-decay G_t, γ_t = exp(G_t),
-D_tj = exp(G_t − G_j) for j ≤ t in the same packed sequence (0 otherwise), W^l = β^l ⊙ δ^l,
-K₁ the erase keys and Q = scale · q, every chunk computes in parallel
+D_tj = exp(G_t − G_j) for j ≤ t in the same packed sequence (0 otherwise), e_t = exp(G_C − G_t),
+W^l = β^l ⊙ δ^l, K₁ the erase keys and Q = scale · q, every chunk computes in parallel
 
     A    = strict_lower(diag(β¹) (K₁ K₁ᵀ) ⊙ D)
     M^l  = strict_lower(diag(β¹) (K₁ K^lᵀ) ⊙ D)                 l ≥ 2
@@ -12,12 +12,14 @@ K₁ the erase keys and Q = scale · q, every chunk computes in parallel
 and, given the state S₀ entering the chunk, X = U − Wk S₀ ("new values") and
 
     O    = diag(γ) Q S₀ + lower((Q K₁ᵀ) ⊙ D) X + Σ_{l≥2} lower((Q K^lᵀ) ⊙ D) W^l
-    S_C  = γ_C S₀ + (K₁ ⊙ e^{G_C − G})ᵀ X + Σ_{l≥2} (K^l ⊙ e^{G_C − G})ᵀ W^l.
+    S_C  = γ_C S₀ + (K₁ ⊙ e)ᵀ X + Σ_{l≥2} (K^l ⊙ e)ᵀ W^l.
 
-S_C is affine in S₀: S_C = F S₀ + E with F = γ_C I − (K₁ ⊙ e^{G_C−G})ᵀ Wk  [K, K] and
-E = (K₁ ⊙ e^{G_C−G})ᵀ U + Σ_{l≥2} (K^l ⊙ e^{G_C−G})ᵀ W^l  [K, V], both per chunk. So the only
-sequential work is the pass S_{n+1} = F_n S_n + E_n over chunks (one K×K by K×V product per
-chunk); everything else is batched over chunks. Derivation: `prism_jax/ops/README.md`.
+Only the pass over chunks (X and S_C from S₀: two C×K by K×V sized products per chunk) is
+sequential. The gradient is hand-written (`jax.custom_vjp` on `_chunk_core`): a reverse pass
+over chunks carries the state cotangent, everything else is batched over chunks, and the states
+saved at chunk boundaries keep memory linear in T. Padding, the cumulative sum of g and the
+segment masks stay outside the custom rule, in plain JAX, and are differentiated by autodiff.
+Derivation: `prism_jax/ops/README.md`.
 """
 
 from __future__ import annotations
@@ -90,6 +92,165 @@ def _chunk_major(x: jax.Array, chunk: int) -> jax.Array:
   return jnp.moveaxis(x, 3, 1)
 
 
+def _off_diagonal(C: int, L: int) -> np.ndarray:
+  """[C, L·C] float32 mask, 0 at (i, l·C + i): A and M^l are strictly lower triangular."""
+  return np.tile(1.0 - np.eye(C, dtype=np.float32), (1, L))
+
+
+def _tile_writes(x: jax.Array, L: int) -> jax.Array:
+  """Repeat the last axis L times, matching keys stacked write-major along positions."""
+  return jnp.tile(x, (1,) * (x.ndim - 1) + (L,))
+
+
+def _state_pass(h0, u, wk, k1e, e_rest, gamma_end):
+  """S_{n+1} = γ_C S_n + (K₁ ⊙ e)ᵀ X_n + E_n with X_n = U_n − Wk_n S_n, over chunks n.
+
+  h0 [B, H, K, V]; u [B, H, N, C, V]; wk, k1e [B, H, N, C, K]; e_rest [B, H, N, K, V] (the
+  l ≥ 2 writes, or None when L = 1); gamma_end [B, H, N].
+  Returns (states entering each chunk [B, H, N, K, V], X [B, H, N, C, V], final state).
+  """
+  def step(state, xs):
+    u_n, wk_n, k1e_n, g_n = xs[:4]
+    x = u_n - einsum32("bhck,bhkv->bhcv", wk_n, state)  # [B, H, C, V]
+    new = g_n[..., None, None] * state + einsum32("bhck,bhcv->bhkv", k1e_n, x)
+    if e_rest is not None:
+      new = new + xs[4]
+    return new, (state, x)
+
+  xs = (u, wk, k1e, gamma_end) + (() if e_rest is None else (e_rest,))
+  final, (states, x) = jax.lax.scan(step, h0, tuple(jnp.moveaxis(a, 2, 0) for a in xs))
+  return jnp.moveaxis(states, 0, 2), jnp.moveaxis(x, 0, 2), final
+
+
+def _state_cotangent_pass(d_final, pdo1, k1e, wk, gamma_end, gqdo):
+  """The reverse of `_state_pass`: with dS the cotangent of the state leaving chunk n,
+
+      dX_n = P₁ᵀ dO_n + (K₁ ⊙ e) dS,   dS_n = γ_C dS + (γ ⊙ Q)ᵀ dO_n − Wkᵀ dX_n.
+
+  pdo1 = P₁ᵀ dO [B, H, N, C, V] and gqdo = (γ ⊙ Q)ᵀ dO [B, H, N, K, V] do not depend on the
+  state and come in precomputed. Returns (dS leaving each chunk [B, H, N, K, V], dX (total)
+  [B, H, N, C, V], cotangent of the initial state [B, H, K, V]).
+  """
+  def step(d_state, xs):
+    pdo_n, k1e_n, wk_n, g_n, gqdo_n = xs
+    dx = pdo_n + einsum32("bhck,bhkv->bhcv", k1e_n, d_state)  # [B, H, C, V]
+    d_in = (g_n[..., None, None] * d_state + gqdo_n
+            - einsum32("bhck,bhcv->bhkv", wk_n, dx))
+    return d_in, (d_state, dx)
+
+  xs = tuple(jnp.moveaxis(a, 2, 0) for a in (pdo1, k1e, wk, gamma_end, gqdo))
+  d_h0, (d_out, dx) = jax.lax.scan(step, d_final, xs, reverse=True)
+  return jnp.moveaxis(d_out, 0, 2), jnp.moveaxis(dx, 0, 2), d_h0
+
+
+@jax.custom_vjp
+def _chunk_core(q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
+  """The chunk algebra on chunk-major float32 arrays (module docstring), hand-differentiated.
+
+  q [B, H, N, C, K] scaled; keys [B, H, N, L·C, K] and w [B, H, N, L·C, V] stacked write-major
+  (row l·C + i is write l of position i); b1 = β¹ [B, H, N, C]; decay = D [B, H, N, C, C]
+  (zero outside the causal same-sequence mask); gamma, to_end = γ, e [B, H, N, C];
+  gamma_end = γ_C [B, H, N]; h0 [B, H, K, V].
+  Returns (O [B, H, N, C, V], final state [B, H, K, V]).
+  """
+  return _core_fwd(q, keys, w, b1, decay, gamma, to_end, gamma_end, h0)[0]
+
+
+def _core_fwd(q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
+  C = q.shape[-2]
+  L = keys.shape[-2] // C
+  k1 = keys[..., :C, :]  # K₁: [B, H, N, C, K]
+  decay_all = _tile_writes(decay, L)  # D for every write: [B, H, N, C, L·C]
+  strict = decay_all * _off_diagonal(C, L)
+  # Q and K₁ against all keys in one product: [Q Kᵀ ; K₁ Kᵀ], [B, H, N, 2C, L·C].
+  qk_kk = einsum32("bhnik,bhnjk->bhnij", jnp.concatenate([q, k1], axis=-2), keys)
+  a_all = b1[..., None] * qk_kk[..., C:, :] * strict  # [A | M² | … | M^L]: [B, H, N, C, L·C]
+  inv = _unit_lower_inverse(a_all[..., :C])  # (I + A)⁻¹: [B, H, N, C, C]
+  rhs = w[..., :C, :]
+  if L > 1:
+    rhs = rhs - einsum32("bhnij,bhnjv->bhniv", a_all[..., C:], w[..., C:, :])
+  bk = (b1 * gamma)[..., None] * k1  # diag(β¹γ) K₁
+  uw = einsum32("bhnij,bhnjd->bhnid", inv, jnp.concatenate([rhs, bk], axis=-1))  # [U | Wk]
+  V = w.shape[-1]
+  u, wk = uw[..., :V], uw[..., V:]
+  ke = keys * _tile_writes(to_end, L)[..., None]  # K^l ⊙ e: [B, H, N, L·C, K]
+  e_rest = (einsum32("bhnck,bhncv->bhnkv", ke[..., C:, :], w[..., C:, :]) if L > 1 else None)
+  states, x, final = _state_pass(h0, u, wk, ke[..., :C, :], e_rest, gamma_end)
+  y = jnp.concatenate([x, w[..., C:, :]], axis=-2)  # Y: [X ; W² ; … ; W^L], [B, H, N, L·C, V]
+  p = qk_kk[..., :C, :] * decay_all  # lower((Q K^lᵀ) ⊙ D): [B, H, N, C, L·C]
+  # O = [γ ⊙ Q | P] [S₀ ; Y] as one product.
+  o = einsum32("bhnij,bhnjv->bhniv", jnp.concatenate([gamma[..., None] * q, p], axis=-1),
+               jnp.concatenate([states, y], axis=-2))
+  res = (q, keys, w, b1, decay, gamma, to_end, gamma_end, qk_kk, inv, uw, states, x)
+  return (o, final), res
+
+
+def _core_bwd(res, cotangents):
+  q, keys, w, b1, decay, gamma, to_end, gamma_end, qk_kk, inv, uw, states, x = res
+  do, d_final = cotangents
+  C, K, V = q.shape[-2], q.shape[-1], w.shape[-1]
+  L = keys.shape[-2] // C
+  k1 = keys[..., :C, :]
+  off = _off_diagonal(C, L)
+  decay_all = _tile_writes(decay, L)
+  strict = decay_all * off
+  qk, kk = qk_kk[..., :C, :], qk_kk[..., C:, :]
+  p = qk * decay_all
+  gq = gamma[..., None] * q  # [B, H, N, C, K]
+  ke = keys * _tile_writes(to_end, L)[..., None]
+  y = jnp.concatenate([x, w[..., C:, :]], axis=-2)
+
+  # O = [γ ⊙ Q | P] [S₀ ; Y]: dO [S₀ ; Y]ᵀ and [γ ⊙ Q | P]ᵀ dO, one product each.
+  do_sy = einsum32("bhniv,bhnjv->bhnij", do, jnp.concatenate([states, y], axis=-2))
+  dgq, dp = do_sy[..., :K], do_sy[..., K:]  # [B, H, N, C, K], [B, H, N, C, L·C]
+  gqp_do = einsum32("bhnij,bhniv->bhnjv", jnp.concatenate([gq, p], axis=-1), do)
+  gq_do, p_do = gqp_do[..., :K, :], gqp_do[..., K:, :]  # [.., K, V], [.., L·C, V]
+
+  d_out, dx, d_h0 = _state_cotangent_pass(d_final, p_do[..., :C, :], ke[..., :C, :],
+                                          uw[..., V:], gamma_end, gq_do)
+  # S_C = γ_C S₀ + Σ_l (K^l ⊙ e)ᵀ Y^l.
+  d_ke = einsum32("bhncv,bhnkv->bhnck", y, d_out)  # d(K ⊙ e): [B, H, N, L·C, K]
+  d_gamma_end = jnp.sum(states * d_out, axis=(-2, -1))  # [B, H, N]
+
+  # X = U − Wk S₀, [U | Wk] = (I + A)⁻¹ [R | Bk]: d[R | Bk] = (I + A)⁻ᵀ [dX | −dX S₀ᵀ],
+  # dA = −strict(d[R | Bk] [U | Wk]ᵀ).
+  d_wk = -einsum32("bhncv,bhnkv->bhnck", dx, states)
+  d_rb = einsum32("bhnji,bhnjd->bhnid", inv, jnp.concatenate([dx, d_wk], axis=-1))
+  d_rhs, d_bk = d_rb[..., :V], d_rb[..., V:]
+  d_a = -einsum32("bhnid,bhnjd->bhnij", d_rb, uw)  # [B, H, N, C, C]
+  dw = d_rhs
+  if L > 1:
+    # R = W¹ − Σ_{l≥2} M^l W^l; W^l (l ≥ 2) also enters Y and the state.
+    d_m = -einsum32("bhniv,bhnjv->bhnij", d_rhs, w[..., C:, :])
+    d_a = jnp.concatenate([d_a, d_m], axis=-1)  # [B, H, N, C, L·C]
+    a_rest = b1[..., None] * kk[..., C:] * strict[..., C:]
+    dw_rest = (p_do[..., C:, :] + einsum32("bhnck,bhnkv->bhncv", ke[..., C:, :], d_out)
+               - einsum32("bhnij,bhniv->bhnjv", a_rest, d_rhs))
+    dw = jnp.concatenate([dw, dw_rest], axis=-2)
+
+  # a_all = β¹ ⊙ (K₁ Kᵀ) ⊙ strict(D) and P = (Q Kᵀ) ⊙ D.
+  d_kk = d_a * b1[..., None] * strict  # [B, H, N, C, L·C]
+  d_qk = dp * decay_all
+  d_decay_all = dp * qk + d_a * b1[..., None] * kk * off
+  d_qkk = jnp.concatenate([d_qk, d_kk], axis=-2)  # [B, H, N, 2C, L·C]
+  dq_dk1 = einsum32("bhnij,bhnjk->bhnik", d_qkk, keys)  # [B, H, N, 2C, K]
+  d_keys = (einsum32("bhnij,bhnik->bhnjk", d_qkk, jnp.concatenate([q, k1], axis=-2))
+            + _tile_writes(to_end, L)[..., None] * d_ke)
+  # Bk = diag(β¹γ) K₁.
+  s_bk = jnp.sum(d_bk * k1, axis=-1)  # [B, H, N, C]
+  d_k1 = dq_dk1[..., C:, :] + (b1 * gamma)[..., None] * d_bk
+  d_keys = d_keys.at[..., :C, :].add(d_k1)
+  dq = gamma[..., None] * dgq + dq_dk1[..., :C, :]
+  db1 = jnp.sum(d_a * kk * strict, axis=-1) + gamma * s_bk
+  d_gamma = jnp.sum(q * dgq, axis=-1) + b1 * s_bk
+  d_to_end = jnp.sum(jnp.sum(keys * d_ke, axis=-1).reshape(*keys.shape[:3], L, C), axis=-2)
+  d_decay = jnp.sum(d_decay_all.reshape(*d_decay_all.shape[:-1], L, C), axis=-2)
+  return dq, d_keys, dw, db1, d_decay, d_gamma, d_to_end, d_gamma_end, d_h0
+
+
+_chunk_core.defvjp(_core_fwd, _core_bwd)
+
+
 def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=False,
                 segment_ids=None, scale=None, chunk_size=64):
   """Chunked form; arguments as `prism_recurrence`. Any T: the tail is padded internally
@@ -113,7 +274,6 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
   keys = stack(k)  # [B, H, N, L·C, K]
   w = stack(beta[..., None] * v)  # W^l = β^l δ^l: [B, H, N, L·C, V]
   b1 = _chunk_major(f32(beta[..., 0]), C)  # [B, H, N, C]
-  k1 = keys[..., :C, :]  # K₁: [B, H, N, C, K]
 
   G = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
   same_seq = seq[..., :, None] == seq[..., None, :]  # [B, 1, N, C, C]
@@ -123,39 +283,9 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
   decay = jnp.exp(jnp.where(causal & same_seq, diff, -jnp.inf))  # D: [B, H, N, C, C]
   gamma = jnp.exp(jnp.where(seq == seq_before[..., None], G, -jnp.inf))  # [B, H, N, C]
   to_end = jnp.exp(jnp.where(seq == seq[..., -1:], G[..., -1:] - G, -jnp.inf))  # [B, H, N, C]
-  gamma_end = gamma[..., -1]  # [B, H, N]
-  decay_all = jnp.tile(decay, (1, 1, 1, 1, L))  # D repeated for every write: [B, H, N, C, L·C]
-  strict_all = jnp.tile(jnp.tril(jnp.ones((C, C), dtype=bool), -1), (1, L))  # [C, L·C]
-
-  # Intra-chunk work, all chunks at once.
-  a_all = jnp.where(strict_all, b1[..., None] * einsum32("bhnik,bhnjk->bhnij", k1, keys)
-                    * decay_all, 0.0)  # [A | M² | … | M^L]: [B, H, N, C, L·C]
-  inv = _unit_lower_inverse(a_all[..., :C])  # (I + A)⁻¹: [B, H, N, C, C]
-  rhs = w[..., :C, :] - einsum32("bhnij,bhnjv->bhniv", a_all[..., C:], w[..., C:, :])
-  u = einsum32("bhnij,bhnjv->bhniv", inv, rhs)  # [B, H, N, C, V]
-  wk = einsum32("bhnij,bhnjk->bhnik", inv, (b1 * gamma)[..., None] * k1)  # [B, H, N, C, K]
-  attn = einsum32("bhnik,bhnjk->bhnij", q, keys) * decay_all  # lower((Q K^lᵀ) ⊙ D): [.., C, L·C]
-
-  k_end = keys * jnp.tile(to_end, (1, 1, 1, L))[..., None]  # K^l ⊙ e^{G_C − G}
-  eye = jnp.eye(K, dtype=jnp.float32)
-  F = gamma_end[..., None, None] * eye - einsum32("bhnck,bhncj->bhnkj", k_end[..., :C, :], wk)
-  E = (einsum32("bhnck,bhncv->bhnkv", k_end[..., :C, :], u)
-       + einsum32("bhnck,bhncv->bhnkv", k_end[..., C:, :], w[..., C:, :]))
 
   state0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
             else initial_state.astype(jnp.float32))
-
-  def chunk_pass(state, fe):
-    F_n, E_n = fe
-    return einsum32("bhkj,bhjv->bhkv", F_n, state) + E_n, state
-
-  final, states = jax.lax.scan(chunk_pass, state0,
-                               (jnp.moveaxis(F, 2, 0), jnp.moveaxis(E, 2, 0)))
-  states = jnp.moveaxis(states, 0, 2)  # state entering each chunk: [B, H, N, K, V]
-
-  x = u - einsum32("bhnck,bhnkv->bhncv", wk, states)  # new values X
-  o = (einsum32("bhnck,bhnkv->bhncv", gamma[..., None] * q, states)
-       + einsum32("bhnij,bhnjv->bhniv", attn[..., :C], x)
-       + einsum32("bhnij,bhnjv->bhniv", attn[..., C:], w[..., C:, :]))
+  o, final = _chunk_core(q, keys, w, b1, decay, gamma, to_end, gamma[..., -1], state0)
   o = jnp.moveaxis(o.reshape(B, H, N * C, V), 1, 2)[:, :T]  # [B, T, H, V]
   return o.astype(out_dtype), (final if output_final_state else None)
