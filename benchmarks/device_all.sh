@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a 4-GPU H200 machine: four single-GPU jobs side by side (one GPU each), then the
 # multi-GPU scaling run on all four. Everything lands in $OUT/results.tgz (+ jcache.tgz).
-#   bash benchmarks/device_all.sh            (carry: .whl for flash-linear-attention, .jcache)
+#   bash benchmarks/device_all.sh   (carry: .whl for flash-linear-attention, .jcache, data_cache)
 # Phase limits (seconds) come from PHASE_A / PHASE_B; each job is killed at its limit and keeps
 # the rows it already printed.
 set -o pipefail
@@ -29,6 +29,13 @@ on 0 throughput python3 benchmarks/throughput.py ${THROUGHPUT_ARGS:-} --json "$L
   --markdown "$LOG/throughput.md"
 on 1 kernel_tests python3 -m pytest -q -p no:cacheprovider tests/kernels/test_pallas_gpu_compiled.py \
   --durations=10
+# Recommendation (MovieLens-100k carried in data_cache/): the models, then the ablations.
+if [ -f data_cache/ml-100k/u.data ]; then
+  on 1 recsys bash -c "python3 benchmarks/recsys.py --data data_cache/ml-100k/u.data \
+    ${RECSYS_ARGS:---steps 1000 --d-model 64 --seq-len 50} --write $LOG/recsys.md; \
+    python3 benchmarks/recsys.py --data data_cache/ml-100k/u.data --ablations \
+    ${RECSYS_ARGS:---steps 1000 --d-model 64 --seq-len 50} --write $LOG/recsys.md"
+fi
 on 2 probing python3 benchmarks/probing.py ${PROBING_ARGS:-} --json "$LOG/probing.json" \
   --markdown "$LOG/probing.md"
 # Which (dtype, head dim, L) the compiled kernels fit in shared memory: one compile per process.
