@@ -67,7 +67,8 @@ PEAK_FLOPS = 989e12     # H200 dense bf16
 MATMUL_FLOPS = 797e12   # bf16 8192³ matmul measured on the H200 (GPU-NOTES)
 MIXERS = {"prism": ("prism",), "gdn": ("gdn",), "attention": ("attention",),
           "explicit": ("explicit",), "hybrid": ("prism", "prism", "prism", "attention")}
-RECURRENT = ("prism", "gdn")   # mixers whose recurrence takes `impl`
+RECURRENT = ("prism", "gdn")
+PROFILE_STEPS = 3   # mixers whose recurrence takes `impl`
 MODELS = ("paper", "lm_130m", "tiny")
 # Tokens/s of PyTorch runs on the same H200 (GPU-NOTES): the PRISM authors' code at the paper
 # shape, and flash-linear-attention's Gated DeltaNet LM (191M).
@@ -259,7 +260,7 @@ def time_case(case: Case, deadline: float, profile_dir: str | None = None) -> di
   state, times, timed_losses = run_steps(case, state, rest, tokens, steps)
   if profile_dir:
     with jax.profiler.trace(profile_dir):
-      state, _, _ = run_steps(case, state, rest, tokens, 3)
+      state, _, _ = run_steps(case, state, rest, tokens, PROFILE_STEPS)
   del state
   step_s = statistics.median(times)
   tokens_per_s = case.batch * case.context / step_s
@@ -469,25 +470,34 @@ def main(argv=None) -> dict:
     case.step = None  # free the executable early
     rows.append(row)
     print(format_row(row), flush=True)
+    write_outputs(args, meta, rows, profile, start)  # a run killed later keeps these rows
 
+  result = write_outputs(args, meta, rows, profile, start)
+  print("\n" + markdown(meta, rows, result["explicit_ratios"], profile).split("\n\n", 1)[1],
+        flush=True)
+  return result
+
+
+def write_outputs(args, meta: dict, rows: list[dict], profile: dict | None,
+                  start: float) -> dict:
+  """The result so far as JSON (`--json`) and markdown (`--markdown`)."""
   ratios = explicit_ratios(rows)
   result = {"meta": meta, "rows": rows, "explicit_ratios": ratios, "profile": profile,
             "total_s": time.perf_counter() - start}
-  text = markdown(meta, rows, ratios, profile)
-  print("\n" + text.split("\n\n", 1)[1], flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
   if args.markdown:
     with open(args.markdown, "w") as f:
-      f.write(text)
+      f.write(markdown(meta, rows, ratios, profile))
   return result
 
 
 def summarise_profile(trace_dir: str, case_name: str) -> dict:
   """Top device ops of the trace just written (benchmarks/trace_summary.py)."""
   from benchmarks import trace_summary
-  summary = trace_summary.summarise(trace_summary.latest_trace(trace_dir), top=15)
+  summary = trace_summary.summarise(trace_summary.latest_trace(trace_dir), top=15,
+                                    steps=PROFILE_STEPS)
   return {"case": case_name, "dir": trace_dir, "table": trace_summary.format_table(summary),
           "summary": summary}
 

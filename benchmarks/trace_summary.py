@@ -3,18 +3,20 @@
     python benchmarks/trace_summary.py DIR [--top 20] [--by op|kernel] [--module NAME]
 
 DIR is what `jax.profiler.trace(DIR)` wrote (or a `*.trace.json.gz` file); the newest
-`DIR/plugins/profile/*/*.trace.json.gz` is read. That file is Chrome trace-event JSON:
-processes named "/device:GPU:0" (or TPU) hold the device timelines, with a thread "XLA Ops"
-(one event per HLO op: fusions, custom calls, Pallas kernels), a thread "XLA Modules" (one
-event per program run) and one thread per CUDA stream (one event per kernel). On the CPU
-backend there is no device process; the ops are the host events that carry an `hlo_op`
-argument, and each program run has its own `run_id`.
+`DIR/plugins/profile/*/*.trace.json.gz` is read. That file is Chrome trace-event JSON. On a GPU
+the device timelines are processes named "/device:GPU:<n>" with one thread per CUDA stream
+("Stream #<id>(Compute,...)": one event per kernel or copy, its HLO op in `args.hlo_op` when
+XLA could attribute it) and bookkeeping threads; a TPU trace has an "XLA Ops" thread (one event
+per HLO op) and an "XLA Modules" thread (one event per program run). On the CPU backend there
+is no device process: the ops are the host events that carry an `hlo_op` argument, and every
+program run has its own `run_id`.
 
-`--by op` (default) ranks the HLO ops of the "XLA Ops" line (on the CPU, the op events);
-`--by kernel` ranks the stream kernels instead, where several kernels of one op show up apart.
-Only events of one program are kept: `--module` (a substring of its name) or, by default, the
-one with the most op time. The step time is the program's run time divided by its runs, from
-the "XLA Modules" line, else from the spans of its run_ids, else the span of its ops.
+`--by op` (default) groups by HLO op (the "XLA Ops" events, else the kernels' `hlo_op`, else
+their names); `--by kernel` groups the stream events by kernel name. Only events of one program
+are kept: `--module` (a substring of its name) or, by default, the one with the most op time
+(events that name no program are always kept). The step time is the program's run time divided
+by its runs, from the "XLA Modules" line, else from the spans of its run_ids, else the span of
+all its events divided by `--steps` (gaps between steps count as step time).
 """
 
 from __future__ import annotations
@@ -64,35 +66,58 @@ def _names(events: list[dict]) -> tuple[dict, dict]:
 
 
 def device_events(trace: dict, by: str = "op") -> tuple[list[dict], list[dict], str]:
-  """(op or kernel events, program-run events, description of the source)."""
+  """(op or kernel events, each with its group key in "key"; program-run events; source)."""
   if by not in ("op", "kernel"):
     raise ValueError(f"trace_summary: by must be 'op' or 'kernel', got {by!r}")
   events = [e for e in trace.get("traceEvents", []) if isinstance(e, dict)]
   procs, threads = _names(events)
   devices = {pid for pid, name in procs.items() if name.startswith("/device:")}
   complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+  keyed = lambda evs, key: [dict(e, key=key(e)) for e in evs]
   if devices:
     thread = lambda e: threads.get((e["pid"], e.get("tid")), "")
     on_device = [e for e in complete if e["pid"] in devices]
     modules = [e for e in on_device if thread(e) == MODULE_THREAD]
     if by == "op" and any(thread(e) == OPS_THREAD for e in on_device):
-      return [e for e in on_device if thread(e) == OPS_THREAD], modules, "device XLA Ops line"
+      ops = [e for e in on_device if thread(e) == OPS_THREAD]
+      return keyed(ops, lambda e: e["name"]), modules, "device XLA Ops line"
     kernels = [e for e in on_device if thread(e) not in NON_KERNEL_THREADS]
-    return kernels, modules, "device stream kernels"
+    if by == "op":
+      return (keyed(kernels, lambda e: e.get("args", {}).get("hlo_op") or e["name"]), modules,
+              "device stream events grouped by their HLO op")
+    return keyed(kernels, lambda e: e["name"]), modules, "device stream kernels"
   ops = [e for e in complete if "hlo_op" in e.get("args", {})
          and not e["name"].startswith("end: ")]
-  return ops, [], "host events with an hlo_op (CPU backend)"
+  return keyed(ops, lambda e: e["name"]), [], "host events with an hlo_op (CPU backend)"
 
 
 def _module_of(e: dict) -> str:
   return e.get("args", {}).get("hlo_module", "")
 
 
-def summarise(path: str, top: int = 20, by: str = "op", module: str | None = None) -> dict:
-  """Aggregate the device events of one program by name.
+def _runs(ops: list[dict], modules: list[dict], module: str, steps: int | None):
+  """(number of runs, total run time in µs) of the program `module` (module docstring)."""
+  runs = [e for e in modules if module and module in e.get("name", "") + _module_of(e)]
+  if runs:
+    return len(runs), sum(e["dur"] for e in runs)
+  spans = collections.defaultdict(lambda: [float("inf"), float("-inf")])
+  for e in ops:
+    span = spans[e.get("args", {}).get("run_id")]
+    span[0], span[1] = min(span[0], e["ts"]), max(span[1], e["ts"] + e["dur"])
+  if None in spans:  # events without a run_id: one span over all of them
+    start = min(a for a, _ in spans.values())
+    end = max(b for _, b in spans.values())
+    return steps or 1, end - start
+  return len(spans), sum(b - a for a, b in spans.values())
+
+
+def summarise(path: str, top: int = 20, by: str = "op", module: str | None = None,
+              steps: int | None = None) -> dict:
+  """Aggregate the device events of one program by op (or kernel) name.
 
   Returns {"module", "source", "steps", "step_us", "busy_us", "rows": [{"name", "count",
   "total_us", "per_step_us", "percent_of_step"}, ...] (largest total first, `top` of them)}.
+  `steps` is the number of runs when the trace itself does not tell them apart.
   """
   ops, modules, source = device_events(load_trace(path), by)
   if not ops:
@@ -106,26 +131,17 @@ def summarise(path: str, top: int = 20, by: str = "op", module: str | None = Non
     raise ValueError(f"trace_summary: no module matching {module!r}; modules: "
                      f"{sorted(per_module)}")
   ops = [e for e in ops if module in _module_of(e) or not _module_of(e)]
-
-  runs = [e for e in modules if module and module in e.get("name", "") + _module_of(e)]
-  if runs:
-    steps, run_us = len(runs), sum(e["dur"] for e in runs)
-  else:
-    spans = collections.defaultdict(lambda: [float("inf"), float("-inf")])
-    for e in ops:
-      span = spans[e.get("args", {}).get("run_id", "all")]
-      span[0], span[1] = min(span[0], e["ts"]), max(span[1], e["ts"] + e["dur"])
-    steps, run_us = len(spans), sum(b - a for a, b in spans.values())
+  runs, run_us = _runs(ops, modules, module, steps)
 
   totals, counts = collections.Counter(), collections.Counter()
   for e in ops:
-    totals[e["name"]] += e["dur"]
-    counts[e["name"]] += 1
+    totals[e["key"]] += e["dur"]
+    counts[e["key"]] += 1
   rows = [{"name": name, "count": counts[name], "total_us": total,
-           "per_step_us": total / steps, "percent_of_step": 100.0 * total / run_us}
+           "per_step_us": total / runs, "percent_of_step": 100.0 * total / run_us}
           for name, total in totals.most_common(top)]
-  return {"module": module, "source": source, "steps": steps, "step_us": run_us / steps,
-          "busy_us": sum(totals.values()) / steps, "rows": rows}
+  return {"module": module, "source": source, "steps": runs, "step_us": run_us / runs,
+          "busy_us": sum(totals.values()) / runs, "rows": rows}
 
 
 def format_table(summary: dict) -> str:
@@ -133,7 +149,7 @@ def format_table(summary: dict) -> str:
   head = (f"{summary['module'] or '(unnamed program)'}: {summary['steps']} runs, "
           f"{summary['step_us'] / 1e3:.2f} ms per run, ops busy {summary['busy_us'] / 1e3:.2f} "
           f"ms per run ({summary['source']})")
-  lines = [head, "", "| op | count/run | ms/run | % of run |", "|---|---|---|---|"]
+  lines = [head, "", "| name | count/run | ms/run | % of run |", "|---|---|---|---|"]
   for r in summary["rows"]:
     name = r["name"] if len(r["name"]) <= 80 else r["name"][:77] + "..."
     lines.append(f"| `{name}` | {r['count'] / summary['steps']:g} | "
@@ -147,8 +163,9 @@ def main(argv=None) -> dict:
   p.add_argument("--top", type=int, default=20)
   p.add_argument("--by", choices=("op", "kernel"), default="op")
   p.add_argument("--module", help="substring of the program's name (default: the busiest)")
+  p.add_argument("--steps", type=int, help="runs traced, where the trace does not tell them")
   args = p.parse_args(argv)
-  summary = summarise(latest_trace(args.path), args.top, args.by, args.module)
+  summary = summarise(latest_trace(args.path), args.top, args.by, args.module, args.steps)
   print(format_table(summary))
   return summary
 
