@@ -131,7 +131,8 @@ def model_config(model: str, mixer: str, impl: str, dtype: str, max_len: int,
   fields = dict(mixer_pattern=MIXERS[mixer], impl=impl, dtype=dtype, param_dtype="float32",
                 max_seq_len=max_len)
   if model == "paper":
-    return lm_130m_config(num_layers=8, num_heads=8, head_dim=96, **fields, **overrides)
+    return lm_130m_config(**{"num_layers": 8, "num_heads": 8, "head_dim": 96, **fields,
+                             **overrides})
   if model == "lm_130m":
     return lm_130m_config(**fields, **overrides)
   if model == "tiny":
@@ -227,6 +228,23 @@ def memory_account(compiled) -> dict | None:
   out["total_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
                         - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
   return out
+
+
+def fit_to_memory(case: Case, overrides: dict, dtype: str, max_len: int, pool, inits: dict,
+                  share: float = 0.9) -> None:
+  """Halve the batch of `case` until its step's live bytes fit `share` of the device's memory
+  limit (the explicit solver's backward keeps the K×V state of every token). The row reports
+  the batch used; where a step is latency-bound (the explicit solver's serial scan), a smaller
+  batch lowers tokens/s, which makes the PRISM / explicit ratio an upper estimate."""
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  while (limit and case.memory and case.batch > 1
+         and case.memory["total_bytes"] > share * limit):
+    need = case.memory["total_bytes"] / 2**30
+    case.batch //= 2
+    print(f"# {need:.0f} GiB > {share:.0%} of {limit / 2**30:.0f} GiB: {case.name} (halved)",
+          flush=True)
+    compile_case(case, lower_case(case, overrides, dtype, max_len, pool, inits))
 
 
 def device_peak_bytes() -> int | None:
@@ -373,9 +391,8 @@ def parse_args(argv=None):
   p.add_argument("--tokens-per-step", type=int, default=16384, help="B·T of every case")
   p.add_argument("--explicit-contexts", type=int_list, default=[2048],
                  help="contexts of the explicit solver (serial in T: ~T/2048 × slower)")
-  p.add_argument("--explicit-tokens", type=int, default=8192,
-                 help="B·T of the explicit solver; its backward keeps the K×V state of every "
-                      "token, so it needs far more memory per token")
+  p.add_argument("--explicit-tokens", type=int, default=16384,
+                 help="B·T of the explicit solver; halved until the step fits the device")
   p.add_argument("--steps", type=int, default=5, help="timed steps (explicit: at most 2)")
   p.add_argument("--warmup", type=int, default=2, help="warm-up steps (explicit: at most 1)")
   p.add_argument("--dtype", default="bfloat16", help="compute dtype; parameters stay float32")
@@ -449,6 +466,7 @@ def main(argv=None) -> dict:
       try:
         futures[id(case)].result()
         print(f"# compiled {case.name} in {case.compile_s:.0f} s", flush=True)
+        fit_to_memory(case, overrides, args.dtype, max_len, pool, inits)
       except Exception as e:  # noqa: BLE001
         rows.append({"case": case.name, "error": f"compile: {type(e).__name__}: {e}"})
         futures.pop(id(case))
