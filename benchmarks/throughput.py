@@ -61,6 +61,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs.base import base_config  # noqa: E402
 from prism_jax.models import CausalLM, ModelConfig, lm_130m_config, tiny_lm_config  # noqa: E402
+from prism_jax.ops.api import IMPLS  # noqa: E402
 from prism_jax.train import init_state, make_optimizer, make_train_step  # noqa: E402
 
 PEAK_FLOPS = 989e12     # H200 dense bf16
@@ -416,6 +417,13 @@ def parse_args(argv=None):
   for m in args.mixers:
     if m not in MIXERS:
       p.error(f"--mixers: unknown {m!r}; known: {tuple(MIXERS)}")
+  for impl in args.impl:
+    if impl not in IMPLS:
+      p.error(f"--impl: unknown {impl!r}; known: {IMPLS}")
+  mixer, _, T = args.profile_case.partition(":")
+  if mixer not in MIXERS or not T.isdigit():
+    p.error(f"--profile-case: need MIXER:T with MIXER in {tuple(MIXERS)}, got "
+            f"{args.profile_case!r}")
   if min(args.steps, args.tokens_per_step, args.explicit_tokens) < 1 or args.warmup < 0:
     p.error("--steps, --tokens-per-step, --explicit-tokens must be >= 1, --warmup >= 0")
   return args

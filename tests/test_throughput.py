@@ -103,8 +103,9 @@ def test_explicit_ratio_and_markdown(toy_run):
                                          / rows["explicit", T]["tokens_per_s"])
   md = toy_run["markdown"]
   meta = toy_run["result"]["meta"]
-  for needle in ("Command: `python benchmarks/throughput.py --model tiny", f"Commit {meta['commit']}",
-                 "device cpu", f"date {meta['date'][:10]}", "explicit solver tokens/s at 32"):
+  for needle in ("Command: `python benchmarks/throughput.py --model tiny",
+                 f"Commit {meta['commit']}", "device cpu", f"date {meta['date'][:10]}",
+                 "explicit solver tokens/s at 32"):
     assert needle in md
   assert meta["commit"]
   table = [line for line in md.splitlines() if line.startswith("| tiny |")]
@@ -263,5 +264,9 @@ def test_bad_arguments():
     tp.parse_args(["--mixers", "prism,mamba"])
   with pytest.raises(SystemExit):
     tp.parse_args(["--model", "gpt"])
+  with pytest.raises(SystemExit):
+    tp.parse_args(["--impl", "cuda"])
+  with pytest.raises(SystemExit):
+    tp.parse_args(["--profile-case", "prism"])
   with pytest.raises(ValueError, match="no FLOP count for mixer 'la'"):
     tp.mixer_flops(_toy_config("prism", 32), "la", 32)
