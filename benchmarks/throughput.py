@@ -277,9 +277,13 @@ def time_case(case: Case, deadline: float, profile_dir: str | None = None) -> di
     # A slow case (the explicit solver) keeps at least one timed step rather than none.
     steps = max(1, int((deadline - time.perf_counter()) / warm_times[-1]))
   state, times, timed_losses = run_steps(case, state, rest, tokens, steps)
+  profile_error = None
   if profile_dir:
-    with jax.profiler.trace(profile_dir):
-      state, _, _ = run_steps(case, state, rest, tokens, PROFILE_STEPS)
+    try:
+      with jax.profiler.trace(profile_dir):
+        state, _, _ = run_steps(case, state, rest, tokens, PROFILE_STEPS)
+    except Exception as e:  # noqa: BLE001 - e.g. no CUPTI: the timing above still stands
+      profile_error = f"{type(e).__name__}: {str(e)[:300]}"
   del state
   step_s = statistics.median(times)
   tokens_per_s = case.batch * case.context / step_s
@@ -297,6 +301,7 @@ def time_case(case: Case, deadline: float, profile_dir: str | None = None) -> di
       "memory": case.memory, "peak_bytes_in_use_so_far": device_peak_bytes(),
       "compile_s": case.compile_s, "loss_first": losses[0], "loss_last": losses[-1],
       "finite": all(map(math.isfinite, losses)),
+      **({"profile_error": profile_error} if profile_error else {}),
   }
 
 
@@ -491,8 +496,11 @@ def main(argv=None) -> dict:
         row = time_case(case, deadline, traced)
       except Exception as e:  # noqa: BLE001 - e.g. out of memory at one context
         row = {"case": case.name, "error": f"run: {type(e).__name__}: {str(e)[:300]}"}
-      if traced and "error" not in row:
-        profile = summarise_profile(traced, case.name)
+      if traced and "error" not in row and "profile_error" not in row:
+        try:
+          profile = summarise_profile(traced, case.name)
+        except Exception as e:  # noqa: BLE001 - the trace stays on disk for trace_summary.py
+          print(f"# profile summary failed: {type(e).__name__}: {e}", flush=True)
     case.step = None  # free the executable early
     rows.append(row)
     print(format_row(row), flush=True)
