@@ -5,27 +5,30 @@
 
 Every run is the `Trainer` layout of prism_jax.train.loop (state shardings from the logical
 axis rules, the jitted step with its donated state) on the devices `jax.devices()[:n]`, with
-the mesh given only by (data, fsdp, tensor). Per preset:
+the mesh given only by (data, fsdp, tensor); n is the largest power of two <= the device count.
 
-  - strong scaling: one global batch (130m: 16 x 2048 tokens) on 1 device, DP 2 and n, FSDP n,
-    TP n and DP n/2 x TP 2, where n is the number of devices;
-  - weak scaling: DP with the per-device batch of the 1-device run (global batch 2x, nx);
-  - correctness: every run starts from the same initial state (initialised once, copied onto
-    each mesh) and reads the same batches; the losses of the first --check-steps updates must
-    equal the 1-device run's within the dtype's unit roundoff (relative 2^-8 for bfloat16
-    compute; 2e-5 for float32, where only the order of the cross-device sums differs);
+  - strong scaling, one global batch for all (130m: 16 x 2048 tokens, 1b: 8 x 2048): 1 device,
+    DP 2 .. n, FSDP n, TP n, DP n/2 x TP 2 (1b: 1 device, FSDP n, DP n);
+  - weak scaling: DP n with n times the 1-device batch (the per-device batch fixed);
+  - correctness: every run starts from the same initial state (initialised once on one device,
+    copied onto each mesh) and reads the same batches; the losses of the first --check-steps
+    updates must equal the 1-device run's within the compute dtype's unit roundoff (relative
+    2^-8 for bfloat16; 2e-5 for float32, where only the order of cross-device sums differs);
   - speed: median wall time of the updates after --warmup, each closed by block_until_ready,
     as tokens/s; efficiency = tokens/s(n devices) / (n * tokens/s(1 device, B)), with B the
     same global batch (strong) or the per-device batch of the n-device run (weak);
-  - memory per device: the train state (parameters and AdamW moments, float32) from the
-    shardings, unsharded beside it, and XLA's peak estimate of the compiled step (arguments +
-    outputs - donated aliases + temporaries);
-  - checkpoint: the state of the FSDP run is saved with the project's Checkpointer, restored
-    onto one device, compared bitwise, and one more update on each must give the same loss.
+  - memory per device: the train state (float32 parameters and AdamW moments) from the
+    shardings, beside its unsharded size, and XLA's peak estimate of the compiled step
+    (arguments + outputs - donated aliases + temporaries; the process-wide peak of the
+    allocator cannot be reset between runs);
+  - checkpoint (--checkpoint presets, default 130m): the state after the FSDP run is saved with
+    the project's Checkpointer, restored onto one device and compared bitwise; one more update
+    on each mesh from it must give the same loss.
 
-All steps of a preset are lowered first, then compiled concurrently (XLA compiles outside the
-GIL), then timed one after the other with nothing else running. Rows print as they finish and
-the --json / --markdown files are rewritten after each row, so a cut-short run keeps them.
+The steps of a preset are lowered in the main thread (tracing holds the GIL), compiled in a
+thread pool (XLA compiles outside it), then timed one after the other with nothing else
+running. Rows print as they finish and --json / --markdown are rewritten after each row, so a
+run cut short keeps what it measured; --budget-s stops starting runs, --preset-min-s presets.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ ROUNDOFF = {"bfloat16": 2.0 ** -8, "float32": 2e-5}
 
 @dataclasses.dataclass
 class Run:
-  """One (preset, mesh, global batch) measurement and what it produced."""
+  """One (preset, mesh, global batch) measurement: its trainer and compiled step."""
   preset: str
   kind: str                      # "strong" or "weak"
   data: int
@@ -78,7 +81,7 @@ class Run:
   batch: int
   trainer: Trainer | None = None
   future: concurrent.futures.Future | None = None
-  row: dict = dataclasses.field(default_factory=dict)
+  compile_s: float = 0.0
 
   @property
   def devices(self) -> int:
@@ -105,13 +108,15 @@ class MeshTrainer(Trainer):
     self._build_state_layout()
 
 
-def preset_config(name: str, batch: int, mesh: tuple[int, int, int]):
+def preset_config(name: str, batch: int, mesh: tuple[int, int, int], impl: str = ""):
   module, overrides, _ = PRESETS[name]
   cfg = importlib.import_module(f"configs.{module}").get_config()
   for key, value in overrides.items():
     section, field = key.split(".")
     cfg[section][field] = value
   cfg.data.batch_size = batch
+  if impl:
+    cfg.model.impl = impl
   # Two warm-up updates then the preset's peak rate, so the few compared losses move.
   cfg.optim.warmup_steps = 2
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
@@ -119,22 +124,25 @@ def preset_config(name: str, batch: int, mesh: tuple[int, int, int]):
 
 
 def default_runs(preset: str, num_devices: int, batch: int) -> list[Run]:
-  """1 device, DP over powers of two, and FSDP / TP / DP x TP over all n devices."""
-  sizes = [s for s in (2, 4, 8) if s <= num_devices]
-  n = sizes[-1] if sizes else 1
-  meshes = [(1, 1, 1)]
+  """The runs in the order they are timed, most wanted first in case --budget-s cuts the list.
+
+  1 device; then 130m / tiny: DP n, weak DP n, FSDP n, DP 2 .. n/2, TP n, DP n/2 x TP 2 (and
+  2 x 2 x 2 on 8); 1b: FSDP n, DP n. n is the largest power of two <= the device count.
+  """
+  n = max([1] + [s for s in (2, 4, 8) if s <= num_devices])
+  runs = [Run(preset, "strong", 1, 1, 1, batch)]
+  if n == 1:
+    return runs
   if preset == "1b":
-    meshes += [(1, n, 1), (n, 1, 1)] if n > 1 else []
-    weak = []
-  else:
-    meshes += [(s, 1, 1) for s in sizes]
-    if n >= 4:
-      meshes += [(1, n, 1), (1, 1, n), (n // 2, 1, 2)]
-    if n == 8:
-      meshes.append((2, 2, 2))
-    weak = sizes
-  runs = [Run(preset, "strong", *m, batch) for m in dict.fromkeys(meshes)]
-  return runs + [Run(preset, "weak", s, 1, 1, batch * s) for s in weak]
+    return runs + [Run(preset, "strong", 1, n, 1, batch), Run(preset, "strong", n, 1, 1, batch)]
+  runs += [Run(preset, "strong", n, 1, 1, batch), Run(preset, "weak", n, 1, 1, batch * n),
+           Run(preset, "strong", 1, n, 1, batch)]
+  runs += [Run(preset, "strong", s, 1, 1, batch) for s in (2, 4) if s < n]
+  if n >= 4:
+    runs += [Run(preset, "strong", 1, 1, n, batch), Run(preset, "strong", n // 2, 1, 2, batch)]
+  if n == 8:
+    runs.append(Run(preset, "strong", 2, 2, 2, batch))
+  return runs
 
 
 def parse_runs(meshes: str, weak: str, preset: str, batch: int) -> list[Run]:
@@ -174,6 +182,13 @@ def abstract_args(trainer: Trainer):
            for k, v in example.items()}
   return (trainer.abstract_state, batch, jax.ShapeDtypeStruct((), jnp.float32, sharding=repl),
           jax.ShapeDtypeStruct((), jnp.bool_, sharding=repl))
+
+
+def _timed_compile(run: Run, lowered):
+  begin = time.perf_counter()
+  compiled = lowered.compile()
+  run.compile_s = time.perf_counter() - begin
+  return compiled
 
 
 def peak_estimate(compiled) -> int | None:
@@ -320,7 +335,7 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
     raise ValueError(f"--meshes: {wanted} devices asked, {len(devices)} available")
   tasks = {}
   for run in runs:
-    cfg = preset_config(preset, run.batch, (run.data, run.fsdp, run.tensor))
+    cfg = preset_config(preset, run.batch, (run.data, run.fsdp, run.tensor), args.impl)
     if run.batch not in tasks:
       tasks[run.batch] = make_task(cfg)
     run.trainer = MeshTrainer(cfg, devices[:run.devices], tasks[run.batch])
@@ -338,7 +353,7 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
         flush=True)
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.compile_workers or len(runs))
   for run, low in zip(runs, lowered):
-    run.future = pool.submit(low.compile)
+    run.future = pool.submit(_timed_compile, run, low)
   host_state = jax.device_get(base.trainer._init_state(base.trainer._init_params()))
   concurrent.futures.wait([r.future for r in runs])
   pool.shutdown()
@@ -373,9 +388,10 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
         "seq_len": seq_len, "tokens_per_s": round(tokens_per_s, 1),
         "efficiency": None if efficiency is None else round(efficiency, 4),
         "step_ms": round(1e3 * step_s, 2), "state_bytes": state_dev, "peak_bytes": peak,
+        "compile_s": round(run.compile_s, 1),
         "losses": [round(x, 6) for x in losses], "loss_rel_diff": diff,
         "loss_ok": None if diff is None else diff <= roundoff})
-    if run is ckpt_source and args.checkpoint:
+    if run is ckpt_source and preset in args.checkpoint:
       result = checkpoint_check(run, base, state, steps, roundoff)
       report.checkpoints.append({"preset": preset, **result})
       report.write()
@@ -396,9 +412,13 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--timed", type=int, default=5, help="timed updates after warm-up")
   parser.add_argument("--check-steps", type=int, default=4,
                       help="first updates whose loss must match the 1-device run")
-  parser.add_argument("--no-checkpoint", dest="checkpoint", action="store_false")
-  parser.add_argument("--budget-s", type=float, default=330.0,
+  parser.add_argument("--checkpoint", nargs="*", default=["130m", "tiny"],
+                      help="presets whose FSDP state is saved and restored on one device")
+  parser.add_argument("--impl", default="", help="model.impl of every run (default: preset's)")
+  parser.add_argument("--budget-s", type=float, default=210.0,
                       help="start no further run after this many seconds")
+  parser.add_argument("--preset-min-s", type=float, default=100.0,
+                      help="start a preset only if this many seconds of the budget remain")
   parser.add_argument("--compile-workers", type=int, default=0,
                       help="steps compiled at once (default: all of a preset)")
   parser.add_argument("--commit", default="", help="commit to report (default: git HEAD)")
@@ -411,8 +431,9 @@ def main(argv: list[str]) -> int:
   report = Report(args, argv)
   print(f"{report.head['device']}, jax {jax.__version__}", flush=True)
   for preset in args.presets:
-    if time.time() > deadline:
-      report.note(f"{preset}: skipped, --budget-s reached")
+    if time.time() > deadline - args.preset_min_s:
+      report.note(f"{preset}: skipped, less than --preset-min-s={args.preset_min_s:.0f} s of "
+                  f"--budget-s={args.budget_s:.0f} s left")
       continue
     batch = PRESETS[preset][2]
     runs = (parse_runs(args.meshes, args.weak, preset, batch) if args.meshes or args.weak
