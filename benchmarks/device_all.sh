@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One call on a 4-GPU H200 machine: four single-GPU jobs side by side (one GPU each), then the
 # multi-GPU scaling run on all four. Everything lands in $OUT/results.tgz (+ jcache.tgz).
-#   bash benchmarks/device_all.sh   (carry: .whl for flash-linear-attention, .jcache, data_cache)
+#   bash benchmarks/device_all.sh   (carry: .whl, .jcache, data_cache)
+# .whl/ (ignored) holds the wheels the GPU image lacks: flash-linear-attention 0.6.0 and fla-core
+# 0.6.0 (kernel comparison) and ml_collections (configs of the training code), fetched with
+# `pip download --no-deps` for Python 3.12 as the device tool's README describes.
 # Phase limits (seconds) come from PHASE_A / PHASE_B; each job is killed at its limit and keeps
 # the rows it already printed.
 set -o pipefail
