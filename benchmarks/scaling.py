@@ -53,6 +53,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from prism_jax.ops.api import resolve_impl  # noqa: E402
 from prism_jax.train import sharding as shd  # noqa: E402
 from prism_jax.train.checkpoint import Checkpointer  # noqa: E402
 from prism_jax.train.config import validate_config  # noqa: E402
@@ -288,6 +289,7 @@ class Report:
            f"{h['date']}.", ""]
     for name, info in self.presets.items():
       out.append(f"- {name}: {info['params']:,} parameters, {info['compute_dtype']} compute, "
+                 f"recurrence impl {info['impl']}, "
                  f"seq {info['seq_len']}; train state {_size(info['state_bytes'])} unsharded; "
                  f"loss tolerance relative {info['rtol']:.2g}")
     out += ["", "| preset | mesh | scaling | devices | global batch | tokens/s | efficiency | "
@@ -345,7 +347,10 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
   seq_len = base.trainer.cfg.data.seq_len
   _, unsharded = state_bytes(base.trainer.abstract_state)
   report.presets[preset] = {"params": base.trainer.num_params, "compute_dtype": dtype,
+                            "impl": resolve_impl(base.trainer.model_config.impl),
                             "seq_len": seq_len, "state_bytes": unsharded, "rtol": roundoff}
+  print(f"{preset}: {base.trainer.num_params:,} parameters, train state {_size(unsharded)} "
+        f"unsharded, {dtype} compute, impl {report.presets[preset]['impl']}", flush=True)
 
   begin = time.perf_counter()
   lowered = [r.trainer.train_step.lower(*abstract_args(r.trainer)) for r in runs]
