@@ -1,5 +1,7 @@
 """Mechanistic probing (spec §7): D = 16 (2 heads of 8, as benchmarks/probing.py), vocab 64,
-length 128, PRISM L = 2, 10k steps.
+length 128, PRISM L = 2, 10k steps, and the runner's optimiser (Adam 3e-3, 100 warmup steps,
+cosine decay to 0, clipping at 1, no weight decay), so `train.py --config=configs/probe.py`
+trains the model the probing table reports on.
 
 The task generators live in prism_jax.data.synthetic (data.probe_task picks one).
 """
@@ -16,8 +18,10 @@ def get_config():
   c.data.seq_len = 128
   c.data.batch_size = 64
   c.data.probe_task = "parity"
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 200
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 100
+  c.optim.min_lr_ratio = 0.0
+  c.optim.b2 = 0.999
   c.optim.weight_decay = 0.0
   c.train.steps = 10000
   c.train.log_every = 100

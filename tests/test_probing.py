@@ -1,9 +1,12 @@
-"""The probing runner: its CI-sized run (LA stays at chance on parity), and the markdown it
-writes into RESULTS.md (only its own section)."""
+"""The probing runner: its CI-sized training run, the independence of a (task, seed) run
+from what trains beside it, the outputs it writes, and argument checks."""
 
+import json
 import pathlib
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -11,19 +14,53 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks
 import probing  # noqa: E402
 
 
-def test_small_mode_la_stays_at_chance_on_parity(tmp_path):
-  out = tmp_path / "RESULTS.md"
-  results = probing.main(["--small", "--write", str(out)])
-  prism, la = results["parity", "prism"][0], results["parity", "la"][0]
-  # Held-out accuracy after a real short training run. PRISM >= 0.9 is not asserted: at this
-  # budget it reached 1.00 in 1 of 4 runs and stayed on the ln 2 plateau in the others
-  # (RESULTS.md, Probing), so the check would fail most of the time.
-  print(f"small mode parity: PRISM {prism:.3f}, LA {la:.3f}")
-  assert la <= 0.65, f"LA parity accuracy {la:.3f} after the small budget"
-  assert 0.0 <= prism <= 1.0 and set(results) == {(t, m) for t in ("parity", "local_xor")
-                                                  for m in ("prism", "la")}
+def test_small_mode_trains_and_writes_its_outputs(tmp_path):
+  out, js, md = tmp_path / "RESULTS.md", tmp_path / "probe.json", tmp_path / "probe.md"
+  results = probing.main(["--small", "--write", str(out), "--json", str(js),
+                          "--markdown", str(md)])
+  prism, la = results["parity", "prism"], results["parity", "la"]
+  print(f"small mode parity: PRISM {prism}, LA {la}")
+  assert set(results) == {(t, m) for t in probing.SMALL["tasks"] for m in ("prism", "la")}
+  # A real run: every answer loss has fallen from ln 64 ≈ 4.2 (uniform over the vocabulary at
+  # init) to about the entropy of the answer, ln 2 for these yes/no tasks.
+  data = json.loads(js.read_text())
+  for model in ("prism", "la"):
+    run = data["runs"][model]
+    assert run["steps_done"] == probing.SMALL["steps"]
+    for task in probing.SMALL["tasks"]:
+      first, last = run["loss_curve"][task][0][0], run["loss_curve"][task][0][-1]
+      assert last < 0.75 < first, (model, task, first, last)
+  # LA has no route to parity at T = 64 in this budget (0 of 64 GPU seeds left chance at
+  # T = 64, B <= 32; probing.SMALL). PRISM >= 0.9, the issue's other half, is printed, not
+  # asserted: at this budget PRISM leaves the ln 2 plateau for about 1 init in 10.
+  assert la[0] <= 0.65, f"LA parity accuracy {la[0]:.3f} after the small budget"
   text = out.read_text()
   assert "## Probing" in text and "--small" in text and "| parity | 0.50 |" in text
+  assert md.read_text().strip() in text
+  assert data["command"].startswith("python benchmarks/probing.py --small")
+  assert data["device"] and data["date"] and data["commit"]
+
+
+def test_a_run_does_not_depend_on_what_trains_beside_it():
+  """Init from the seed, batches from (seed, task, step): the same whichever tasks and seeds
+  share the vmapped program."""
+  settings = probing.ProbeSettings(steps=2, batch_size=4, seq_len=24, segment_steps=2)
+  cfg = probing.probe_model_config("la", num_layers=1)
+  alone = probing.ProbeProgram(cfg, settings, ("parity",), 1)
+  shared = probing.ProbeProgram(cfg, settings, ("mqar", "parity"), 2)
+  keys_alone = probing.run_keys(("parity",), (5,))
+  keys_shared = probing.run_keys(("mqar", "parity"), (4, 5))
+  step = int(np.random.default_rng().integers(1000))
+  a = alone._batches(keys_alone[1], step)
+  b = shared._batches(keys_shared[1], step)
+  for name in a:
+    np.testing.assert_array_equal(a[name][0], b[name][3])
+  assert not np.array_equal(b["tokens"][1], b["tokens"][3])
+  init_a = jax.tree.leaves(alone.init(keys_alone[0])[0])
+  init_b = jax.tree.leaves(shared.init(keys_shared[0])[0])
+  for x, y in zip(init_a, init_b):
+    np.testing.assert_array_equal(x[0], y[3])
+    np.testing.assert_array_equal(y[1], y[3])  # parity and mqar of seed 5 start alike
 
 
 def test_writes_only_its_own_section(tmp_path):
@@ -43,11 +80,20 @@ def test_writes_only_its_own_section(tmp_path):
 
 def test_table_has_mean_std_and_the_paper_column():
   results = {("parity", "prism"): [1.0, 0.5], ("parity", "la"): [0.5, 0.5]}
-  table = probing.markdown_table(results, ["parity"], ["prism", "la"],
-                                 {"parity": [1.00, 0.49]})
-  header, _, row = table.splitlines()
+  table = probing.markdown_table(results, ["parity", "mux"], ["prism", "la"],
+                                 {"parity": [1.00, 0.49], "mux": [0.98, 0.98]})
+  header, _, row, unfinished = table.splitlines()
   assert header == "| task | chance | prism | la | paper prism | paper la |"
   assert row == "| parity | 0.50 | 0.75 ± 0.25 | 0.50 ± 0.00 | 1.00 | 0.49 |"
+  assert unfinished == "| mux | 0.50 | — | — | 0.98 | 0.98 |"
+
+
+def test_segments_divide_the_steps():
+  assert probing.segment_length(10_000, 1000) == 1000
+  assert probing.segment_length(1001, 1000) == 143
+  assert probing.segment_length(7, 1000) == 7
+  with pytest.raises(ValueError, match="segment_steps=300 must divide steps=1000"):
+    probing.ProbeSettings(steps=1000, segment_steps=300)
 
 
 @pytest.mark.parametrize("argv, match", [(["--steps", "0"], "--steps"),
@@ -61,4 +107,8 @@ def test_unknown_names():
   with pytest.raises(ValueError, match="model: unknown probing model 'rwkv'"):
     probing.probe_model_config("rwkv")
   with pytest.raises(ValueError, match="task: unknown probing task 'sort'"):
-    probing.train_probe("sort", probing.probe_model_config("la"), probing.ProbeSettings(), 0)
+    probing.train_variant(probing.probe_model_config("la"), probing.ProbeSettings(), ["sort"],
+                          [0])
+  with pytest.raises(ValueError, match="seq_len: task 'var_tracking' needs >= 20 tokens"):
+    probing.train_variant(probing.probe_model_config("la"), probing.ProbeSettings(seq_len=8),
+                          ["var_tracking"], [0])
