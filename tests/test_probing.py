@@ -4,6 +4,7 @@ from what trains beside it, the outputs it writes, and argument checks."""
 import json
 import pathlib
 import sys
+import time
 
 import jax
 import numpy as np
@@ -41,13 +42,17 @@ def test_small_mode_trains_and_writes_its_outputs(tmp_path):
   assert data["device"] and data["date"] and data["commit"]
 
 
+# A one-layer LA on tiny batches: the cheapest program to compile on CPU.
+TINY = probing.ProbeSettings(steps=4, batch_size=4, seq_len=24, segment_steps=2,
+                             eval_batches=2)
+TINY_CFG = probing.probe_model_config("la", num_layers=1)
+
+
 def test_a_run_does_not_depend_on_what_trains_beside_it():
   """Init from the seed, batches from (seed, task, step): the same whichever tasks and seeds
   share the vmapped program."""
-  settings = probing.ProbeSettings(steps=2, batch_size=4, seq_len=24, segment_steps=2)
-  cfg = probing.probe_model_config("la", num_layers=1)
-  alone = probing.ProbeProgram(cfg, settings, ("parity",), 1)
-  shared = probing.ProbeProgram(cfg, settings, ("mqar", "parity"), 2)
+  alone = probing._program(TINY_CFG, TINY, ("parity",), 1)
+  shared = probing._program(TINY_CFG, TINY, ("mqar", "parity"), 2)
   keys_alone = probing.run_keys(("parity",), (5,))
   keys_shared = probing.run_keys(("mqar", "parity"), (4, 5))
   step = int(np.random.default_rng().integers(1000))
@@ -61,6 +66,18 @@ def test_a_run_does_not_depend_on_what_trains_beside_it():
   for x, y in zip(init_a, init_b):
     np.testing.assert_array_equal(x[0], y[3])
     np.testing.assert_array_equal(y[1], y[3])  # parity and mqar of seed 5 start alike
+
+
+def test_deadline_stops_after_a_segment_and_evaluates_there():
+  start = time.perf_counter()
+  stopped = probing.train_variant(TINY_CFG, TINY, ["parity"], [0], deadline=start)
+  assert stopped.steps_done == TINY.segment_steps and len(stopped.segment_seconds) == 1
+  full = probing.train_variant(TINY_CFG, TINY, ["parity"], [0])
+  assert full.steps_done == TINY.steps and len(full.loss_curve["parity"][0]) == 2
+  # The stopped run is the full one's first segment: same init, same batches.
+  np.testing.assert_allclose(stopped.loss_curve["parity"][0][0],
+                             full.loss_curve["parity"][0][0], rtol=1e-5)
+  assert 0.0 <= stopped.accuracy["parity"][0] <= 1.0
 
 
 def test_writes_only_its_own_section(tmp_path):
