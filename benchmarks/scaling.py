@@ -309,7 +309,7 @@ class Report:
                  f"{c['bitwise_equal']}; next update's loss {c['next_loss_saved_mesh']:.6f} vs "
                  f"{c['next_loss_restored']:.6f} (relative {c['next_loss_rel_diff']:.1e}); "
                  f"save + restore {c['save_restore_s']} s.")
-    out += [f"\n{n}" for n in self.notes]
+    out += [""] + [f"- {n}" for n in self.notes]
     return "\n".join(out) + "\n"
 
 
@@ -353,14 +353,20 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
         f"unsharded, {dtype} compute, impl {report.presets[preset]['impl']}", flush=True)
 
   begin = time.perf_counter()
-  lowered = [r.trainer.train_step.lower(*abstract_args(r.trainer)) for r in runs]
-  print(f"{preset}: {len(runs)} steps lowered in {time.perf_counter() - begin:.1f} s; compiling",
-        flush=True)
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.compile_workers or len(runs))
-  for run, low in zip(runs, lowered):
-    run.future = pool.submit(_timed_compile, run, low)
+  for run in runs:   # each compiles while the next one is traced
+    run.future = pool.submit(_timed_compile, run,
+                             run.trainer.train_step.lower(*abstract_args(run.trainer)))
+  print(f"{preset}: {len(runs)} steps lowered in {time.perf_counter() - begin:.1f} s",
+        flush=True)
   host_state = jax.device_get(base.trainer._init_state(base.trainer._init_params()))
-  concurrent.futures.wait([r.future for r in runs])
+  for run in runs:
+    peak = peak_estimate(run.future.result())
+    held = state_bytes(run.trainer.abstract_state)[0]
+    # Memory is known once compiled, so it is reported even if --budget-s skips the timing.
+    report.note(f"{preset} {run.label} ({run.kind}, batch {run.batch}): compiled in "
+                f"{run.compile_s:.0f} s; per device train state {_size(held)}, XLA peak "
+                f"{_size(peak)}")
   pool.shutdown()
   print(f"{preset}: compiled in {time.perf_counter() - begin:.1f} s", flush=True)
 
