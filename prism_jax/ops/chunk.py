@@ -86,15 +86,18 @@ def _pad_time(x: jax.Array, pad: int) -> jax.Array:
 
 
 def _chunk_major(x: jax.Array, chunk: int) -> jax.Array:
-  """[B, T, H, ...] → [B, H, N, C, ...]."""
+  """[B, T, H, ...] → [N, B, H, C, ...]."""
   B, T, H = x.shape[:3]
   x = x.reshape(B, T // chunk, chunk, H, *x.shape[3:])
-  return jnp.moveaxis(x, 3, 1)
+  return jnp.moveaxis(x, (1, 3), (0, 2))
 
 
-def _off_diagonal(C: int, L: int) -> np.ndarray:
-  """[C, L·C] float32 mask, 0 at (i, l·C + i): A and M^l are strictly lower triangular."""
-  return np.tile(1.0 - np.eye(C, dtype=np.float32), (1, L))
+def _strict(x: jax.Array) -> jax.Array:
+  """Zero the diagonal of every C×C block of x [..., C, L·C]: A and M^l are strictly lower
+  triangular (D is already zero above the diagonal). A constant mask in a select, so XLA fuses
+  it into the producer instead of materialising a broadcast factor."""
+  C, LC = x.shape[-2:]
+  return jnp.where(np.tile(~np.eye(C, dtype=bool), (1, LC // C)), x, 0.0)
 
 
 def _tile_writes(x: jax.Array, L: int) -> jax.Array:
@@ -102,84 +105,87 @@ def _tile_writes(x: jax.Array, L: int) -> jax.Array:
   return jnp.tile(x, (1,) * (x.ndim - 1) + (L,))
 
 
-def _state_pass(h0, u, wk, k1e, e_rest, gamma_end):
+def _state_pass(h0, uw, k1e, e_rest, gamma_end):
   """S_{n+1} = γ_C S_n + (K₁ ⊙ e)ᵀ X_n + E_n with X_n = U_n − Wk_n S_n, over chunks n.
 
-  h0 [B, H, K, V]; u [B, H, N, C, V]; wk, k1e [B, H, N, C, K]; e_rest [B, H, N, K, V] (the
-  l ≥ 2 writes, or None when L = 1); gamma_end [B, H, N].
-  Returns (states entering each chunk [B, H, N, K, V], X [B, H, N, C, V], final state).
+  h0 [B, H, K, V]; uw = [U | Wk] [N, B, H, C, V + K]; k1e [N, B, H, C, K]; e_rest
+  [N, B, H, K, V] (the l ≥ 2 writes, or None when L = 1); gamma_end [N, B, H].
+  Returns (states entering each chunk [N, B, H, K, V], X [N, B, H, C, V], final state).
   """
+  V = h0.shape[-1]
+
   def step(state, xs):
-    u_n, wk_n, k1e_n, g_n = xs[:4]
-    x = u_n - einsum32("bhck,bhkv->bhcv", wk_n, state)  # [B, H, C, V]
-    new = g_n[..., None, None] * state + einsum32("bhck,bhcv->bhkv", k1e_n, x)
+    uw_n, k1e_n, g_n = xs[:3]
+    x = uw_n[..., :V] - einsum32("...ck,...kv->...cv", uw_n[..., V:], state)  # [B, H, C, V]
+    new = g_n[..., None, None] * state + einsum32("...ck,...cv->...kv", k1e_n, x)
     if e_rest is not None:
-      new = new + xs[4]
+      new = new + xs[3]
     return new, (state, x)
 
-  xs = (u, wk, k1e, gamma_end) + (() if e_rest is None else (e_rest,))
-  final, (states, x) = jax.lax.scan(step, h0, tuple(jnp.moveaxis(a, 2, 0) for a in xs))
-  return jnp.moveaxis(states, 0, 2), jnp.moveaxis(x, 0, 2), final
+  xs = (uw, k1e, gamma_end) + (() if e_rest is None else (e_rest,))
+  final, (states, x) = jax.lax.scan(step, h0, xs)
+  return states, x, final
 
 
-def _state_cotangent_pass(d_final, pdo1, k1e, wk, gamma_end, gqdo):
+def _state_cotangent_pass(d_final, pdo1, k1e, uw, gamma_end, gqdo):
   """The reverse of `_state_pass`: with dS the cotangent of the state leaving chunk n,
 
       dX_n = P₁ᵀ dO_n + (K₁ ⊙ e) dS,   dS_n = γ_C dS + (γ ⊙ Q)ᵀ dO_n − Wkᵀ dX_n.
 
-  pdo1 = P₁ᵀ dO [B, H, N, C, V] and gqdo = (γ ⊙ Q)ᵀ dO [B, H, N, K, V] do not depend on the
-  state and come in precomputed. Returns (dS leaving each chunk [B, H, N, K, V], dX (total)
-  [B, H, N, C, V], cotangent of the initial state [B, H, K, V]).
+  pdo1 = P₁ᵀ dO [N, B, H, C, V] and gqdo = (γ ⊙ Q)ᵀ dO [N, B, H, K, V] do not depend on the
+  state and come in precomputed; uw = [U | Wk]. Returns (dS leaving each chunk [N, B, H, K, V],
+  dX (total) [N, B, H, C, V], cotangent of the initial state [B, H, K, V]).
   """
+  V = d_final.shape[-1]
+
   def step(d_state, xs):
-    pdo_n, k1e_n, wk_n, g_n, gqdo_n = xs
-    dx = pdo_n + einsum32("bhck,bhkv->bhcv", k1e_n, d_state)  # [B, H, C, V]
+    pdo_n, k1e_n, uw_n, g_n, gqdo_n = xs
+    wk_n = uw_n[..., V:]
+    dx = pdo_n + einsum32("...ck,...kv->...cv", k1e_n, d_state)  # [B, H, C, V]
     d_in = (g_n[..., None, None] * d_state + gqdo_n
-            - einsum32("bhck,bhcv->bhkv", wk_n, dx))
+            - einsum32("...ck,...cv->...kv", wk_n, dx))
     return d_in, (d_state, dx)
 
-  xs = tuple(jnp.moveaxis(a, 2, 0) for a in (pdo1, k1e, wk, gamma_end, gqdo))
-  d_h0, (d_out, dx) = jax.lax.scan(step, d_final, xs, reverse=True)
-  return jnp.moveaxis(d_out, 0, 2), jnp.moveaxis(dx, 0, 2), d_h0
+  d_h0, (d_out, dx) = jax.lax.scan(step, d_final, (pdo1, k1e, uw, gamma_end, gqdo),
+                                     reverse=True)
+  return d_out, dx, d_h0
 
 
 @jax.custom_vjp
 def _chunk_core(q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
   """The chunk algebra on chunk-major float32 arrays (module docstring), hand-differentiated.
 
-  q [B, H, N, C, K] scaled; keys [B, H, N, L·C, K] and w [B, H, N, L·C, V] stacked write-major
-  (row l·C + i is write l of position i); b1 = β¹ [B, H, N, C]; decay = D [B, H, N, C, C]
-  (zero outside the causal same-sequence mask); gamma, to_end = γ, e [B, H, N, C];
-  gamma_end = γ_C [B, H, N]; h0 [B, H, K, V].
-  Returns (O [B, H, N, C, V], final state [B, H, K, V]).
+  q [N, B, H, C, K] scaled; keys [N, B, H, L·C, K] and w [N, B, H, L·C, V] stacked write-major
+  (row l·C + i is write l of position i); b1 = β¹ [N, B, H, C]; decay = D [N, B, H, C, C]
+  (zero outside the causal same-sequence mask); gamma, to_end = γ, e [N, B, H, C];
+  gamma_end = γ_C [N, B, H]; h0 [B, H, K, V].
+  Returns (O [N, B, H, C, V], final state [B, H, K, V]).
   """
   return _core_fwd(q, keys, w, b1, decay, gamma, to_end, gamma_end, h0)[0]
 
 
 def _core_fwd(q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
-  C = q.shape[-2]
+  C, V = q.shape[-2], w.shape[-1]
   L = keys.shape[-2] // C
-  k1 = keys[..., :C, :]  # K₁: [B, H, N, C, K]
-  decay_all = _tile_writes(decay, L)  # D for every write: [B, H, N, C, L·C]
-  strict = decay_all * _off_diagonal(C, L)
-  # Q and K₁ against all keys in one product: [Q Kᵀ ; K₁ Kᵀ], [B, H, N, 2C, L·C].
-  qk_kk = einsum32("bhnik,bhnjk->bhnij", jnp.concatenate([q, k1], axis=-2), keys)
-  a_all = b1[..., None] * qk_kk[..., C:, :] * strict  # [A | M² | … | M^L]: [B, H, N, C, L·C]
-  inv = _unit_lower_inverse(a_all[..., :C])  # (I + A)⁻¹: [B, H, N, C, C]
+  k1 = keys[..., :C, :]  # K₁: [N, B, H, C, K]
+  decay_all = _tile_writes(decay, L)  # D for every write: [N, B, H, C, L·C]
+  # Q and K₁ against all keys in one product: [Q Kᵀ ; K₁ Kᵀ], [N, B, H, 2C, L·C].
+  qk_kk = einsum32("...ik,...jk->...ij", jnp.concatenate([q, k1], axis=-2), keys)
+  kk = qk_kk[..., C:, :]
+  inv = _unit_lower_inverse(_strict(b1[..., None] * kk[..., :C] * decay))  # (I + A)⁻¹
   rhs = w[..., :C, :]
   if L > 1:
-    rhs = rhs - einsum32("bhnij,bhnjv->bhniv", a_all[..., C:], w[..., C:, :])
+    m = _strict(b1[..., None] * kk[..., C:] * decay_all[..., C:])  # [M² | … | M^L]
+    rhs = rhs - einsum32("...ij,...jv->...iv", m, w[..., C:, :])
   bk = (b1 * gamma)[..., None] * k1  # diag(β¹γ) K₁
-  uw = einsum32("bhnij,bhnjd->bhnid", inv, jnp.concatenate([rhs, bk], axis=-1))  # [U | Wk]
-  V = w.shape[-1]
-  u, wk = uw[..., :V], uw[..., V:]
-  ke = keys * _tile_writes(to_end, L)[..., None]  # K^l ⊙ e: [B, H, N, L·C, K]
-  e_rest = (einsum32("bhnck,bhncv->bhnkv", ke[..., C:, :], w[..., C:, :]) if L > 1 else None)
-  states, x, final = _state_pass(h0, u, wk, ke[..., :C, :], e_rest, gamma_end)
-  y = jnp.concatenate([x, w[..., C:, :]], axis=-2)  # Y: [X ; W² ; … ; W^L], [B, H, N, L·C, V]
-  p = qk_kk[..., :C, :] * decay_all  # lower((Q K^lᵀ) ⊙ D): [B, H, N, C, L·C]
+  uw = einsum32("...ij,...jd->...id", inv, jnp.concatenate([rhs, bk], axis=-1))  # [U | Wk]
+  ke = keys * _tile_writes(to_end, L)[..., None]  # K^l ⊙ e: [N, B, H, L·C, K]
+  e_rest = (einsum32("...ck,...cv->...kv", ke[..., C:, :], w[..., C:, :]) if L > 1 else None)
+  states, x, final = _state_pass(h0, uw, ke[..., :C, :], e_rest, gamma_end)
+  y = jnp.concatenate([x, w[..., C:, :]], axis=-2)  # Y: [X ; W² ; … ; W^L], [N, B, H, L·C, V]
+  p = qk_kk[..., :C, :] * decay_all  # lower((Q K^lᵀ) ⊙ D): [N, B, H, C, L·C]
   # O = [γ ⊙ Q | P] [S₀ ; Y] as one product.
-  o = einsum32("bhnij,bhnjv->bhniv", jnp.concatenate([gamma[..., None] * q, p], axis=-1),
+  o = einsum32("...ij,...jv->...iv", jnp.concatenate([gamma[..., None] * q, p], axis=-1),
                jnp.concatenate([states, y], axis=-2))
   res = (q, keys, w, b1, decay, gamma, to_end, gamma_end, qk_kk, inv, uw, states, x)
   return (o, final), res
@@ -191,57 +197,55 @@ def _core_bwd(res, cotangents):
   C, K, V = q.shape[-2], q.shape[-1], w.shape[-1]
   L = keys.shape[-2] // C
   k1 = keys[..., :C, :]
-  off = _off_diagonal(C, L)
   decay_all = _tile_writes(decay, L)
-  strict = decay_all * off
   qk, kk = qk_kk[..., :C, :], qk_kk[..., C:, :]
   p = qk * decay_all
-  gq = gamma[..., None] * q  # [B, H, N, C, K]
+  gq = gamma[..., None] * q  # [N, B, H, C, K]
   ke = keys * _tile_writes(to_end, L)[..., None]
   y = jnp.concatenate([x, w[..., C:, :]], axis=-2)
 
   # O = [γ ⊙ Q | P] [S₀ ; Y]: dO [S₀ ; Y]ᵀ and [γ ⊙ Q | P]ᵀ dO, one product each.
-  do_sy = einsum32("bhniv,bhnjv->bhnij", do, jnp.concatenate([states, y], axis=-2))
-  dgq, dp = do_sy[..., :K], do_sy[..., K:]  # [B, H, N, C, K], [B, H, N, C, L·C]
-  gqp_do = einsum32("bhnij,bhniv->bhnjv", jnp.concatenate([gq, p], axis=-1), do)
+  do_sy = einsum32("...iv,...jv->...ij", do, jnp.concatenate([states, y], axis=-2))
+  dgq, dp = do_sy[..., :K], do_sy[..., K:]  # [N, B, H, C, K], [N, B, H, C, L·C]
+  gqp_do = einsum32("...ij,...iv->...jv", jnp.concatenate([gq, p], axis=-1), do)
   gq_do, p_do = gqp_do[..., :K, :], gqp_do[..., K:, :]  # [.., K, V], [.., L·C, V]
 
-  d_out, dx, d_h0 = _state_cotangent_pass(d_final, p_do[..., :C, :], ke[..., :C, :],
-                                          uw[..., V:], gamma_end, gq_do)
+  d_out, dx, d_h0 = _state_cotangent_pass(d_final, p_do[..., :C, :], ke[..., :C, :], uw,
+                                          gamma_end, gq_do)
   # S_C = γ_C S₀ + Σ_l (K^l ⊙ e)ᵀ Y^l.
-  d_ke = einsum32("bhncv,bhnkv->bhnck", y, d_out)  # d(K ⊙ e): [B, H, N, L·C, K]
-  d_gamma_end = jnp.sum(states * d_out, axis=(-2, -1))  # [B, H, N]
+  d_ke = einsum32("...cv,...kv->...ck", y, d_out)  # d(K ⊙ e): [N, B, H, L·C, K]
+  d_gamma_end = jnp.sum(states * d_out, axis=(-2, -1))  # [N, B, H]
 
   # X = U − Wk S₀, [U | Wk] = (I + A)⁻¹ [R | Bk]: d[R | Bk] = (I + A)⁻ᵀ [dX | −dX S₀ᵀ],
   # dA = −strict(d[R | Bk] [U | Wk]ᵀ).
-  d_wk = -einsum32("bhncv,bhnkv->bhnck", dx, states)
-  d_rb = einsum32("bhnji,bhnjd->bhnid", inv, jnp.concatenate([dx, d_wk], axis=-1))
+  d_wk = -einsum32("...cv,...kv->...ck", dx, states)
+  d_rb = einsum32("...ji,...jd->...id", inv, jnp.concatenate([dx, d_wk], axis=-1))
   d_rhs, d_bk = d_rb[..., :V], d_rb[..., V:]
-  d_a = -einsum32("bhnid,bhnjd->bhnij", d_rb, uw)  # [B, H, N, C, C]
+  d_a = -einsum32("...id,...jd->...ij", d_rb, uw)  # [N, B, H, C, C]
   dw = d_rhs
   if L > 1:
     # R = W¹ − Σ_{l≥2} M^l W^l; W^l (l ≥ 2) also enters Y and the state.
-    d_m = -einsum32("bhniv,bhnjv->bhnij", d_rhs, w[..., C:, :])
-    d_a = jnp.concatenate([d_a, d_m], axis=-1)  # [B, H, N, C, L·C]
-    a_rest = b1[..., None] * kk[..., C:] * strict[..., C:]
-    dw_rest = (p_do[..., C:, :] + einsum32("bhnck,bhnkv->bhncv", ke[..., C:, :], d_out)
-               - einsum32("bhnij,bhniv->bhnjv", a_rest, d_rhs))
+    d_m = -einsum32("...iv,...jv->...ij", d_rhs, w[..., C:, :])
+    d_a = jnp.concatenate([d_a, d_m], axis=-1)  # [N, B, H, C, L·C]
+    a_rest = _strict(b1[..., None] * kk[..., C:] * decay_all[..., C:])
+    dw_rest = (p_do[..., C:, :] + einsum32("...ck,...kv->...cv", ke[..., C:, :], d_out)
+               - einsum32("...ij,...iv->...jv", a_rest, d_rhs))
     dw = jnp.concatenate([dw, dw_rest], axis=-2)
 
-  # a_all = β¹ ⊙ (K₁ Kᵀ) ⊙ strict(D) and P = (Q Kᵀ) ⊙ D.
-  d_kk = d_a * b1[..., None] * strict  # [B, H, N, C, L·C]
+  # [A | M] = strict(β¹ ⊙ (K₁ Kᵀ) ⊙ D) and P = (Q Kᵀ) ⊙ D.
+  d_kk = _strict(d_a * b1[..., None] * decay_all)  # [N, B, H, C, L·C]
   d_qk = dp * decay_all
-  d_decay_all = dp * qk + d_a * b1[..., None] * kk * off
-  d_qkk = jnp.concatenate([d_qk, d_kk], axis=-2)  # [B, H, N, 2C, L·C]
-  dq_dk1 = einsum32("bhnij,bhnjk->bhnik", d_qkk, keys)  # [B, H, N, 2C, K]
-  d_keys = (einsum32("bhnij,bhnik->bhnjk", d_qkk, jnp.concatenate([q, k1], axis=-2))
+  d_decay_all = dp * qk + _strict(d_a * b1[..., None] * kk)
+  d_qkk = jnp.concatenate([d_qk, d_kk], axis=-2)  # [N, B, H, 2C, L·C]
+  dq_dk1 = einsum32("...ij,...jk->...ik", d_qkk, keys)  # [N, B, H, 2C, K]
+  d_keys = (einsum32("...ij,...ik->...jk", d_qkk, jnp.concatenate([q, k1], axis=-2))
             + _tile_writes(to_end, L)[..., None] * d_ke)
   # Bk = diag(β¹γ) K₁.
-  s_bk = jnp.sum(d_bk * k1, axis=-1)  # [B, H, N, C]
+  s_bk = jnp.sum(d_bk * k1, axis=-1)  # [N, B, H, C]
   d_k1 = dq_dk1[..., C:, :] + (b1 * gamma)[..., None] * d_bk
   d_keys = d_keys.at[..., :C, :].add(d_k1)
   dq = gamma[..., None] * dgq + dq_dk1[..., :C, :]
-  db1 = jnp.sum(d_a * kk * strict, axis=-1) + gamma * s_bk
+  db1 = jnp.sum(_strict(d_a * kk * decay_all), axis=-1) + gamma * s_bk
   d_gamma = jnp.sum(q * dgq, axis=-1) + b1 * s_bk
   d_to_end = jnp.sum(jnp.sum(keys * d_ke, axis=-1).reshape(*keys.shape[:3], L, C), axis=-2)
   d_decay = jnp.sum(d_decay_all.reshape(*d_decay_all.shape[:-1], L, C), axis=-2)
@@ -264,28 +268,29 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
   N = (T + pad) // C
 
   seq, seq_before = chunked_sequence_index(segment_ids, B, T, C)  # [B, 1, N, C], [B, 1, N]
+  seq, seq_before = jnp.moveaxis(seq, 2, 0), jnp.moveaxis(seq_before, 2, 0)  # [N, B, 1, ...]
 
   f32 = lambda x: _pad_time(x.astype(jnp.float32), pad)
-  q = _chunk_major(f32(q), C) * scale  # [B, H, N, C, K]
-  g = _chunk_major(f32(g), C)  # [B, H, N, C]
+  q = _chunk_major(f32(q), C) * scale  # [N, B, H, C, K]
+  g = _chunk_major(f32(g), C)  # [N, B, H, C]
   # The L write keys/values of a chunk are stacked along the position axis, write-major
   # (row l·C + i is write l of position i), so each product with all keys is one matmul.
-  stack = lambda x: jnp.moveaxis(_chunk_major(f32(x), C), 4, 3).reshape(B, H, N, L * C, -1)
-  keys = stack(k)  # [B, H, N, L·C, K]
-  w = stack(beta[..., None] * v)  # W^l = β^l δ^l: [B, H, N, L·C, V]
-  b1 = _chunk_major(f32(beta[..., 0]), C)  # [B, H, N, C]
+  stack = lambda x: jnp.moveaxis(_chunk_major(f32(x), C), 4, 3).reshape(N, B, H, L * C, -1)
+  keys = stack(k)  # [N, B, H, L·C, K]
+  w = stack(beta[..., None] * v)  # W^l = β^l δ^l: [N, B, H, L·C, V]
+  b1 = _chunk_major(f32(beta[..., 0]), C)  # [N, B, H, C]
 
-  G = jnp.cumsum(g, axis=-1)  # [B, H, N, C]
+  G = jnp.cumsum(g, axis=-1)  # [N, B, H, C]
   same_seq = seq[..., :, None] == seq[..., None, :]  # [B, 1, N, C, C]
   causal = jnp.tril(jnp.ones((C, C), dtype=bool))
   # Mask the exponent before exp so no gradient ever meets exp(+large) · 0.
   diff = G[..., :, None] - G[..., None, :]
-  decay = jnp.exp(jnp.where(causal & same_seq, diff, -jnp.inf))  # D: [B, H, N, C, C]
-  gamma = jnp.exp(jnp.where(seq == seq_before[..., None], G, -jnp.inf))  # [B, H, N, C]
-  to_end = jnp.exp(jnp.where(seq == seq[..., -1:], G[..., -1:] - G, -jnp.inf))  # [B, H, N, C]
+  decay = jnp.exp(jnp.where(causal & same_seq, diff, -jnp.inf))  # D: [N, B, H, C, C]
+  gamma = jnp.exp(jnp.where(seq == seq_before[..., None], G, -jnp.inf))  # [N, B, H, C]
+  to_end = jnp.exp(jnp.where(seq == seq[..., -1:], G[..., -1:] - G, -jnp.inf))  # [N, B, H, C]
 
   state0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
             else initial_state.astype(jnp.float32))
   o, final = _chunk_core(q, keys, w, b1, decay, gamma, to_end, gamma[..., -1], state0)
-  o = jnp.moveaxis(o.reshape(B, H, N * C, V), 1, 2)[:, :T]  # [B, T, H, V]
+  o = jnp.moveaxis(o, (0, 3), (1, 2)).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
   return o.astype(out_dtype), (final if output_final_state else None)
