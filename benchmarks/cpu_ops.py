@@ -3,13 +3,16 @@
     python benchmarks/cpu_ops.py [--lengths 512 2048 8192] [--repeats 5]
 
 Forward and forward+backward (gradients of every input and the initial state), B=1, H=4,
-K=V=64, L=2, float32, median of `--repeats` timed runs after one warm-up (compile) run.
+K=V=64, L=2, float32, median of `--repeats` timed runs after one warm-up (compile) run. The
+1-minute load average is printed before and after: on a shared machine, numbers taken under a
+load above the core count mostly measure the contention.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -59,7 +62,8 @@ def main():
                           text=True).stdout.strip() or "unknown"
   print(f"date {datetime.date.today()}, commit {commit}, {platform.processor() or platform.machine()}"
         f", {jax.device_count()} CPU device(s), jax {jax.__version__}")
-  print(f"B={B} H={H} K=V={K} L={L} float32, median of {args.repeats} after warm-up, ms\n")
+  print(f"B={B} H={H} K=V={K} L={L} float32, median of {args.repeats} after warm-up, ms")
+  print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)\n")
   print("| T | impl | forward | fwd+bwd |")
   print("|---|---|---|---|")
   results = {}
@@ -74,6 +78,7 @@ def main():
       t_b = median_ms(grad, inputs, max(1, args.repeats // 2) if impl == "naive" else args.repeats)
       results[T, impl] = (t_f, t_b)
       print(f"| {T} | {impl} | {t_f:.1f} | {t_b:.1f} |", flush=True)
+  print(f"\nload average after: {os.getloadavg()[0]:.2f}")
   for T in args.lengths:
     if (T, "naive") in results and (T, "chunk") in results:
       (nf, nb), (cf, cb) = results[T, "naive"], results[T, "chunk"]
