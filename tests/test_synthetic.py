@@ -101,6 +101,9 @@ def test_deterministic_in_the_seed():
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
   assert not np.array_equal(a["tokens"], c["tokens"])
+  # Seeds past 32 bits (the trainer's evaluation seeds) are not truncated onto small ones.
+  d = S.make_batch("mqar", B, T, 64, 3 + 2**32)
+  assert not np.array_equal(a["tokens"], d["tokens"])
 
 
 def test_larger_vocab_emits_the_same_ids():
@@ -128,7 +131,7 @@ def test_a_pattern_cannot_outgrow_its_draws():
     (dict(task="sorting"), "task: unknown probing task 'sorting'"),
     (dict(seq_len=5), "seq_len: task 'var_tracking' needs >= 20 tokens, got 5"),
     (dict(vocab_size=32), "vocab_size: the probing vocabulary needs >= 64 ids, got 32"),
-    (dict(seed=-1), "seed must be an int >= 0, got -1"),
+    (dict(seed=-1), r"seed must be an int in \[0, 2\*\*64\), got -1"),
     (dict(batch_size=0), "batch_size must be a positive int, got 0"),
 ])
 def test_bad_arguments(kwargs, match):

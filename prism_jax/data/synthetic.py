@@ -17,7 +17,7 @@ batches on the device inside `jit` / `scan` / `vmap`:
 
     sample(task, key, batch_size, seq_len)  → {"tokens", "targets", "mask"} jax arrays
     make_batch(task, batch_size, seq_len, vocab_size, seed)  → the same as numpy arrays,
-        validated, from key = jax.random.key(seed)
+        validated, from a key made from the seed
 
 with tokens [B, T] int32 (noise filler, pattern blocks, query at the end), targets [B, T]
 int32 (the answer at the scored positions, 0 elsewhere) and mask [B, T] bool (True at the
@@ -258,8 +258,9 @@ def check_task(task: str, seq_len: int) -> None:
 
 def make_batch(task: str, batch_size: int, seq_len: int, vocab_size: int = MIN_VOCAB,
                seed: int = 0) -> dict[str, np.ndarray]:
-  """`sample(task, jax.random.key(seed), batch_size, seq_len)` as numpy arrays, after
-  checking the arguments. Deterministic in `seed` (an int >= 0)."""
+  """`sample(task, key, batch_size, seq_len)` as numpy arrays, after checking the arguments;
+  key = jax.random.key(seed) for seeds below 2**32. Deterministic in `seed` (an int in
+  [0, 2**64))."""
   if task not in TASKS:
     raise ValueError(f"task: unknown probing task {task!r}; known: {sorted(TASKS)}")
   for name, val in (("batch_size", batch_size), ("seq_len", seq_len), ("vocab_size", vocab_size)):
@@ -269,7 +270,13 @@ def make_batch(task: str, batch_size: int, seq_len: int, vocab_size: int = MIN_V
     raise ValueError(f"vocab_size: the probing vocabulary needs >= {MIN_VOCAB} ids, got "
                      f"{vocab_size}")
   check_task(task, seq_len)
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-  batch = sample(task, jax.random.key(int(seed)), int(batch_size), int(seq_len))
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+    raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+  # jax.random.key keeps only 32 bits of a seed without x64; the high half is folded in so
+  # seeds that differ only there still give different batches.
+  seed = int(seed)
+  key = jax.random.key(seed % 2**32)
+  if seed >= 2**32:
+    key = jax.random.fold_in(key, seed >> 32)
+  batch = sample(task, key, int(batch_size), int(seq_len))
   return {name: np.asarray(a) for name, a in batch.items()}
