@@ -7,7 +7,7 @@ Every run is the `Trainer` layout of prism_jax.train.loop (state shardings from 
 axis rules, the jitted step with its donated state) on the devices `jax.devices()[:n]`, with
 the mesh given only by (data, fsdp, tensor); n is the largest power of two <= the device count.
 
-  - strong scaling, one global batch for all (130m: 16 x 2048 tokens, 1b: 8 x 2048): 1 device,
+  - strong scaling, one global batch for all (130m: 16 x 2048 tokens, 1b: 4 x 2048): 1 device,
     DP 2 .. n, FSDP n, TP n, DP n/2 x TP 2 (1b: 1 device, FSDP n, DP n);
   - weak scaling: DP n with n times the 1-device batch (the per-device batch fixed);
   - correctness: every run starts from the same initial state (initialised once on one device,
@@ -63,7 +63,8 @@ from prism_jax.train.tasks import make_task  # noqa: E402
 # preset -> (config module, config overrides, global batch of the strong-scaling runs)
 PRESETS = {
     "130m": ("lm_130m", {}, 16),
-    "1b": ("lm_1b", {}, 8),
+    # 8 x 2048 would not fit one H200 unsharded (XLA's estimate: 156 GiB), 4 x 2048 does.
+    "1b": ("lm_1b", {}, 4),
     # The one-layer model of tests/train, for CPU runs with fake devices.
     "tiny": ("lm_tiny", {"model.d_model": 32, "model.num_layers": 1, "model.num_heads": 2,
                          "model.head_dim": 16, "model.chunk_size": 16, "data.seq_len": 32}, 8),
@@ -303,7 +304,7 @@ class Report:
                  f"{r['batch']} x {r['seq_len']} | {r['tokens_per_s']:,.0f} | {eff} | "
                  f"{r['step_ms']:.1f} | {_size(r['state_bytes'])} | {_size(r['peak_bytes'])} | "
                  f"{diff} |")
-    for c in self.checkpoints:
+    for c in (c for c in self.checkpoints if "error" not in c):   # failures are in the notes
       out.append(f"\nCheckpoint ({c['preset']}) saved on {c['saved_on']} ({c['saved_devices']} "
                  f"devices) at update {c['step']}, restored on 1: bitwise equal "
                  f"{c['bitwise_equal']}; next update's loss {c['next_loss_saved_mesh']:.6f} vs "
@@ -320,6 +321,11 @@ def _size(num_bytes: int | None) -> str:
     if num_bytes >= scale:
       return f"{num_bytes / scale:.2f} {unit}"
   return f"{num_bytes / 2**10:.1f} KiB"
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def _git_commit() -> str:
@@ -361,7 +367,12 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
         flush=True)
   host_state = jax.device_get(base.trainer._init_state(base.trainer._init_params()))
   for run in runs:
-    peak = peak_estimate(run.future.result())
+    try:
+      peak = peak_estimate(run.future.result())
+    except Exception as e:   # a failed compile loses that run only
+      report.note(f"{preset} {run.label} ({run.kind}): compile failed: {_first_line(e)}")
+      run.future = None
+      continue
     held = state_bytes(run.trainer.abstract_state)[0]
     # Memory is known once compiled, so it is reported even if --budget-s skips the timing.
     report.note(f"{preset} {run.label} ({run.kind}, batch {run.batch}): compiled in "
@@ -375,10 +386,17 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
                       and r.kind == "strong"), None)
   steps = args.warmup + args.timed
   for run in runs:
+    if run.future is None:
+      continue
     if time.time() > deadline:
       report.note(f"{preset} {run.label} ({run.kind}): skipped, --budget-s reached")
       continue
-    state, losses, seconds = train(run, host_state, steps)
+    try:
+      state, losses, seconds = train(run, host_state, steps)
+    except jax.errors.JaxRuntimeError as e:   # e.g. RESOURCE_EXHAUSTED: it does not fit
+      report.note(f"{preset} {run.label} ({run.kind}, batch {run.batch}): failed: "
+                  f"{_first_line(e)}")
+      continue
     step_s = float(np.median(seconds[args.warmup:]))
     tokens_per_s = run.batch * seq_len / step_s
     if run.devices == 1:
@@ -402,13 +420,20 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
         "compile_s": round(run.compile_s, 1),
         "losses": [round(x, 6) for x in losses], "loss_rel_diff": diff,
         "loss_ok": None if diff is None else diff <= roundoff})
-    if run is ckpt_source and preset in args.checkpoint:
-      result = checkpoint_check(run, base, state, steps, roundoff)
-      report.checkpoints.append({"preset": preset, **result})
-      report.write()
-      print(f"{preset} checkpoint: saved on {run.label}, restored on 1 device, bitwise "
-                  f"{result['bitwise_equal']}, next loss relative diff "
-                  f"{result['next_loss_rel_diff']:.1e}", flush=True)
+    if run is ckpt_source and preset in args.checkpoint and base.future is not None:
+      try:
+        result = checkpoint_check(run, base, state, steps, roundoff)
+      except Exception as e:   # reported as a failed check, the other runs still go ahead
+        report.note(f"{preset} checkpoint from {run.label}: failed: {_first_line(e)}")
+        report.checkpoints.append({"preset": preset, "saved_on": run.label,
+                                   "bitwise_equal": False, "loss_ok": False,
+                                   "error": _first_line(e)})
+      else:
+        report.checkpoints.append({"preset": preset, **result})
+        report.write()
+        print(f"{preset} checkpoint: saved on {run.label}, restored on 1 device, bitwise "
+              f"{result['bitwise_equal']}, next loss relative diff "
+              f"{result['next_loss_rel_diff']:.1e}", flush=True)
     del state
 
 
