@@ -117,6 +117,7 @@ def preset_config(name: str, batch: int, mesh: tuple[int, int, int], impl: str =
     section, field = key.split(".")
     cfg[section][field] = value
   cfg.data.batch_size = batch
+  cfg.optim.grad_accum = 1   # one micro-batch: the whole global batch per step, on every mesh
   if impl:
     cfg.model.impl = impl
   # Two warm-up updates then the preset's peak rate, so the few compared losses move.
