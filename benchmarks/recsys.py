@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import rec_base  # noqa: E402
-from probing import ABLATIONS, provenance, replace_section  # noqa: E402
+from probing import ABLATIONS, provenance, provenance_line, replace_section  # noqa: E402
 from prism_jax.train.loop import Trainer  # noqa: E402
 
 MIXERS = {"prism": "prism", "gdn": "gdn", "la": "la", "transformer": "attention"}
@@ -98,7 +98,8 @@ def main(argv=None):
       cells.append(f"{v.mean():.4f} ± {v.std():.4f}" if len(v) > 1 else f"{v.mean():.4f}")
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   lines.append("| most popular | " + " | ".join(f"{popular[key]:.4f}" for key in keys) + " |")
-  body = f"{provenance(argv, time.perf_counter() - start, 'recsys')}\n\n" + "\n".join(lines) + "\n"
+  body = (provenance_line(provenance(argv, time.perf_counter() - start, 'recsys')) + "\n\n"
+          + "\n".join(lines) + "\n")
   if args.note:
     body += f"\n{args.note}\n"
   print(body)
