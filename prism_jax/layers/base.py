@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from prism_jax.layers.common import RMSNorm, check_input, check_segment_ids, dense
+from prism_jax.layers.common import RMSNorm, check_input, check_segment_ids, dense, shard_batch
 from prism_jax.layers.conv import ShortConv
 
 
@@ -81,8 +81,8 @@ class RecurrentMixer(nnx.Module):
     check_segment_ids(segment_ids, x)
     cache = cache or {"conv": None, "state": None}
     u, conv_cache = self.anchor(x, segment_ids, cache["conv"])
-    o, state = self._sequence(u, segment_ids, cache["state"])
-    return self._output(o, x), {"conv": conv_cache, "state": state}
+    o, state = self._sequence(shard_batch(u), segment_ids, cache["state"])
+    return self._output(shard_batch(o), x), {"conv": conv_cache, "state": state}
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """x [B, T, D] → y [B, T, D]; packed sequences (segment_ids [B, T]) do not interact."""

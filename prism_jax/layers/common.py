@@ -63,6 +63,28 @@ class LowRank(nnx.Module):
     return self.up(x if self.down is None else self.down(x))
 
 
+BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch (prism_jax.train.sharding)
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+  """Keep x's leading (batch) axis split over the mesh's batch axes, other axes left to XLA.
+
+  A no-op unless a mesh with those axes is active (`jax.sharding.use_abstract_mesh`, as the
+  training step sets it). Under FSDP the parameters are sharded over "fsdp" too, and without
+  this hint XLA may gather whole activations onto every device around the parameter gathers.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names)
+  size = 1
+  for a in axes:
+    size *= mesh.shape[a]
+  if size == 1 or x.shape[0] % size:
+    return x
+  spec = jax.sharding.PartitionSpec(axes, *[jax.sharding.PartitionSpec.UNCONSTRAINED]
+                                    * (x.ndim - 1))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 def l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """x / ‖x‖ over the last axis, computed in float32, returned in x's dtype."""
   x32 = x.astype(jnp.float32)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from prism_jax.layers.base import RecurrentMixer
-from prism_jax.layers.common import LowRank, dense, l2norm
+from prism_jax.layers.common import LowRank, dense, l2norm, shard_batch
 from prism_jax.ops import prism_recurrence, prism_step
 from prism_jax.ops.api import IMPLS
 
@@ -118,7 +118,7 @@ class PrismMixer(RecurrentMixer):
     return q, k, delta.astype(u.dtype), beta, g
 
   def _sequence(self, u, segment_ids, state):
-    q, k, delta, beta, g = self.write_terms(u)
+    q, k, delta, beta, g = (shard_batch(x) for x in self.write_terms(u))
     return prism_recurrence(q, k, delta, beta, g, initial_state=state, output_final_state=True,
                             segment_ids=segment_ids, chunk_size=self.chunk_size,
                             impl=self.impl)

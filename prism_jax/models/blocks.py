@@ -8,7 +8,7 @@ from flax import nnx
 from prism_jax.layers import (CausalSelfAttention, ExplicitSolver, GatedDeltaNet,
                               GatedLinearAttention, LinearAttention, MixtureOfMemories,
                               PrismMixer, RMSNorm, SwiGLU)
-from prism_jax.layers.common import resolve_dtype
+from prism_jax.layers.common import resolve_dtype, shard_batch
 from prism_jax.models.config import ModelConfig
 
 
@@ -57,8 +57,9 @@ class Block(nnx.Module):
                       param_dtype=param_dtype)
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    x = shard_batch(x)
     x = x + self.mixer(self.mixer_norm(x), segment_ids)
-    return x + self.mlp(self.mlp_norm(x))
+    return shard_batch(x + self.mlp(self.mlp_norm(x)))
 
   def init_cache(self, batch_size: int, max_len: int | None = None):
     return self.mixer.init_cache(batch_size, max_len)

@@ -110,7 +110,9 @@ class Trainer:
 
     def loss_sum(params, batch, rng):
       del rng   # the models are deterministic (no dropout); the key is kept for ones that are not
-      return task.loss_sum(nnx.merge(self.graphdef, params, self.rest), batch)
+      # The mesh as context: the layers' `shard_batch` hints keep activations split by rows.
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return task.loss_sum(nnx.merge(self.graphdef, params, self.rest), batch)
 
     example = task.train_batch(0)
     self.batch_sharding = {k: shd.batch_sharding(mesh, v.ndim) for k, v in example.items()}
@@ -120,9 +122,13 @@ class Trainer:
         out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
     eval_example = task.eval_batches()[0]
     eval_sharding = {k: shd.batch_sharding(mesh, v.ndim) for k, v in eval_example.items()}
+
+    def eval_metrics(params, batch):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return task.eval_metrics(nnx.merge(self.graphdef, params, self.rest), batch)
+
     self.eval_step = jax.jit(
-        lambda params, batch: task.eval_metrics(nnx.merge(self.graphdef, params, self.rest),
-                                                batch),
+        eval_metrics,
         in_shardings=(param_sh, eval_sharding), out_shardings=repl)
 
   def _global(self, local: dict) -> dict:

@@ -48,3 +48,23 @@ def test_tree_shardings_and_optimizer_state_follow_params():
   flat = jax.tree.leaves(opt)
   assert len(flat) == len(jax.tree.leaves(jax.eval_shape(tx.init, params)))
   assert all(s.mesh.shape == mesh.shape for s in flat)
+
+
+def _constraints(fn, x):
+  jaxpr = jax.make_jaxpr(fn)(x)
+  return [e.params["sharding"].spec for e in jaxpr.eqns if e.primitive.name == "sharding_constraint"]
+
+
+def test_shard_batch_hints_the_batch_axes_only_under_a_mesh():
+  from prism_jax.layers.common import shard_batch
+  x = np.zeros((8, 3, 5), np.float32)
+  assert _constraints(shard_batch, x) == []          # no mesh: untouched
+
+  def under_mesh(x):
+    with jax.sharding.use_abstract_mesh(AbstractMesh((2, 2, 2), shd.MESH_AXES,
+                                                     axis_types=(jax.sharding.AxisType.Auto,) * 3)):
+      return shard_batch(x)
+
+  (spec,) = _constraints(under_mesh, x)
+  assert spec[0] == shd.BATCH_AXES and all(s is P.UNCONSTRAINED for s in spec[1:])
+  assert _constraints(under_mesh, np.zeros((6, 3), np.float32)) == []  # 6 rows do not split in 4
