@@ -60,9 +60,10 @@ def test_shard_batch_hints_the_batch_axes_only_under_a_mesh():
   x = np.zeros((8, 3, 5), np.float32)
   assert _constraints(shard_batch, x) == []          # no mesh: untouched
 
+  auto = AbstractMesh((2, 2, 2), shd.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
   def under_mesh(x):
-    with jax.sharding.use_abstract_mesh(AbstractMesh((2, 2, 2), shd.MESH_AXES,
-                                                     axis_types=(jax.sharding.AxisType.Auto,) * 3)):
+    with jax.sharding.use_abstract_mesh(auto):
       return shard_batch(x)
 
   (spec,) = _constraints(under_mesh, x)
