@@ -4,7 +4,7 @@
 #   bash benchmarks/device_all.sh   (carry: .whl, .jcache, data_cache)
 # .whl/ (ignored) holds the wheels the GPU image lacks: flash-linear-attention 0.6.0 and fla-core
 # 0.6.0 (kernel comparison) and ml_collections (configs of the training code), fetched with
-# `pip download --no-deps` for Python 3.12 as the device tool's README describes.
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64`.
 # Phase limits (seconds) come from PHASE_A / PHASE_B; each job is killed at its limit and keeps
 # the rows it already printed.
 set -o pipefail
