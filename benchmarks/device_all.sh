@@ -24,11 +24,11 @@ export PYTHONPATH=$PWD:$PWD/tests/kernels:${PYTHONPATH:-}
   --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } \
   > "$LOG/env.txt" 2>&1
 A=${PHASE_A:-330}
-B=${PHASE_B:-230}
+B=${PHASE_B:-240}
 on() { local gpu=$1 name=$2; shift 2
   ( CUDA_VISIBLE_DEVICES=$gpu timeout "$A" "$@" > "$LOG/$name.log" 2>&1
     echo "[$name rc=$?]" >> "$LOG/$name.log" ) & }
-on 0 throughput python3 benchmarks/throughput.py ${THROUGHPUT_ARGS:-} --json "$LOG/throughput.json" \
+on 0 throughput python3 benchmarks/throughput.py ${THROUGHPUT_ARGS:---time-budget 290} --json "$LOG/throughput.json" \
   --markdown "$LOG/throughput.md"
 on 1 kernel_tests python3 -m pytest -q -p no:cacheprovider tests/kernels/test_pallas_gpu_compiled.py \
   --durations=10
@@ -39,7 +39,7 @@ if [ -f data_cache/ml-100k/u.data ]; then
     python3 benchmarks/recsys.py --data data_cache/ml-100k/u.data --ablations \
     ${RECSYS_ARGS:---steps 1000 --d-model 64 --seq-len 50} --write $LOG/recsys.md"
 fi
-on 2 probing python3 benchmarks/probing.py ${PROBING_ARGS:-} --json "$LOG/probing.json" \
+on 2 probing python3 benchmarks/probing.py ${PROBING_ARGS:---time-limit 290} --json "$LOG/probing.json" \
   --markdown "$LOG/probing.md"
 # Which (dtype, head dim, L) the compiled kernels fit in shared memory: one compile per process.
 on 3 kernel_bench bash -c "for d in float32 bfloat16; do for D in 64 128; do for L in 1 2 3 4; do \
@@ -50,7 +50,7 @@ on 3 kernel_bench bash -c "for d in float32 bfloat16; do for D in 64 128; do for
   python3 -W ignore benchmarks/kernels.py ${KERNEL_ARGS:---quick --skip-naive} --json $LOG/kernels.json"
 wait
 echo "phase A done $(date -u)" >> "$LOG/env.txt"
-timeout "$B" python3 benchmarks/scaling.py ${SCALING_ARGS:-} --json "$LOG/scaling.json" \
+timeout "$B" python3 benchmarks/scaling.py ${SCALING_ARGS:---budget-s 220 --preset-min-s 60 --impl chunk} --json "$LOG/scaling.json" \
   --markdown "$LOG/scaling.md" > "$LOG/scaling.log" 2>&1
 echo "[scaling rc=$?]" >> "$LOG/scaling.log"
 echo "phase B done $(date -u)" >> "$LOG/env.txt"
