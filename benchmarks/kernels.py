@@ -203,12 +203,13 @@ def compile_check(configs, writes=(1, 3), B=1, T=256, H=2, D=128, dtype=jnp.bflo
   return good
 
 
-def stage_times(cfg, shape, writes):
+def stage_times(bs, shape, writes):
   """Milliseconds of each kernel alone at one shape (where the time of the Pallas path goes)."""
   B, T, H, D = shape
   for L in writes:
-    row = {"shape": f"B{B} T{T} H{H} K=V={D}", "L": L, "tiling": cfg}
-    for name, (fn, args) in stage_calls(_block_sizes(cfg), B, T, H, D, L).items():
+    row = {"shape": f"B{B} T{T} H{H} K=V={D}", "L": L,
+           "tiling": (bs.block_v, bs.num_warps, bs.num_stages)}
+    for name, (fn, args) in stage_calls(bs, B, T, H, D, L).items():
       try:
         row[name] = median_ms(lambda: jax.block_until_ready(fn(*args)))
       except Exception as err:  # one stage failing must not hide the others
@@ -243,8 +244,7 @@ def main():
     return
   if a.stages:
     from pallas_kernels.prism import gpu_block_sizes
-    bs = gpu_block_sizes(CHUNK, interpret=False)
-    stage_times((bs.block_v, bs.num_warps, bs.num_stages), SHAPES[0], (1, 2))
+    stage_times(gpu_block_sizes(CHUNK, interpret=False), SHAPES[0], (1, 2))
     return
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
   rows = []

@@ -42,7 +42,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +54,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from prism_jax.ops.api import resolve_impl  # noqa: E402
 from prism_jax.train import sharding as shd  # noqa: E402
+from throughput import git_commit, memory_account  # noqa: E402
 from prism_jax.train.checkpoint import Checkpointer  # noqa: E402
 from prism_jax.train.config import validate_config  # noqa: E402
 from prism_jax.train.loop import Trainer  # noqa: E402
@@ -194,14 +194,6 @@ def _timed_compile(run: Run, lowered):
   return compiled
 
 
-def peak_estimate(compiled) -> int | None:
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return None
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-             - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
-
-
 def train(run: Run, host_state, steps: int, start: int = 0, state=None):
   """`steps` updates from `host_state` (or a device `state`); (state, losses, seconds)."""
   t = run.trainer
@@ -256,7 +248,9 @@ class Report:
 
   def __init__(self, args, argv):
     self.args = args
-    commit = args.commit or _git_commit()
+    commit = args.commit or git_commit()
+    if commit == "unknown":
+      commit += " (no git checkout; pass --commit)"
     device = jax.devices()[0]
     self.head = {
         "command": "python benchmarks/scaling.py " + " ".join(shlex.quote(a) for a in argv),
@@ -329,14 +323,6 @@ def _first_line(error: Exception) -> str:
   return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-def _git_commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                          capture_output=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown (no git checkout; pass --commit)"
-
-
 def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: float) -> None:
   devices = jax.devices()
   wanted = max(r.devices for r in runs)
@@ -369,7 +355,7 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
   host_state = jax.device_get(base.trainer._init_state(base.trainer._init_params()))
   for run in runs:
     try:
-      peak = peak_estimate(run.future.result())
+      peak = (memory_account(run.future.result()) or {}).get("total_bytes")
     except Exception as e:   # a failed compile loses that run only
       report.note(f"{preset} {run.label} ({run.kind}): compile failed: {_first_line(e)}")
       run.future = None
@@ -411,7 +397,7 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
       diff = float(np.max(np.abs(np.subtract(losses[:n], ref_losses[:n]))
                           / np.abs(ref_losses[:n])))
     state_dev, _ = state_bytes(run.trainer.abstract_state)
-    peak = peak_estimate(run.future.result())
+    peak = (memory_account(run.future.result()) or {}).get("total_bytes")
     report.add_row({
         "preset": preset, "mesh": run.label, "kind": run.kind, "devices": run.devices,
         "data": run.data, "fsdp": run.fsdp, "tensor": run.tensor, "batch": run.batch,

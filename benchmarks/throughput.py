@@ -55,7 +55,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,6 +62,7 @@ from configs.base import base_config  # noqa: E402
 from prism_jax.models import CausalLM, ModelConfig, lm_130m_config, tiny_lm_config  # noqa: E402
 from prism_jax.ops.api import IMPLS  # noqa: E402
 from prism_jax.train import init_state, make_optimizer, make_train_step  # noqa: E402
+from prism_jax.train.tasks import lm_loss_sum  # noqa: E402
 
 PEAK_FLOPS = 989e12     # H200 dense bf16
 MATMUL_FLOPS = 797e12   # bf16 8192³ matmul measured on the H200 (GPU-NOTES)
@@ -139,13 +139,6 @@ def model_config(model: str, mixer: str, impl: str, dtype: str, max_len: int,
   if model == "tiny":
     return tiny_lm_config(**fields, **overrides)
   raise ValueError(f"--model must be one of {MODELS}, got {model!r}")
-
-
-def lm_loss_sum(model: CausalLM, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Σ next-token cross-entropies over tokens [B, T + 1] and their number."""
-  logits = model(tokens[:, :-1])                                       # [B, T, vocab]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-  return ce.sum(), jnp.asarray(ce.size, jnp.float32)
 
 
 @dataclasses.dataclass

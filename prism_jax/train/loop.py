@@ -108,11 +108,17 @@ class Trainer:
     self.abstract_state = _abstract(jax.eval_shape(self._init_state, abs_params),
                                     self.state_sharding)
 
+    def under_mesh(method):
+      """task.<method>(model, batch) with the mesh as context, so that the layers'
+      `shard_batch` hints keep activations split by rows."""
+      def run(params, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+          return getattr(task, method)(nnx.merge(self.graphdef, params, self.rest), batch)
+      return run
+
     def loss_sum(params, batch, rng):
       del rng   # the models are deterministic (no dropout); the key is kept for ones that are not
-      # The mesh as context: the layers' `shard_batch` hints keep activations split by rows.
-      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return task.loss_sum(nnx.merge(self.graphdef, params, self.rest), batch)
+      return under_mesh("loss_sum")(params, batch)
 
     example = task.train_batch(0)
     self.batch_sharding = {k: shd.batch_sharding(mesh, v.ndim) for k, v in example.items()}
@@ -122,13 +128,8 @@ class Trainer:
         out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
     eval_example = task.eval_batches()[0]
     eval_sharding = {k: shd.batch_sharding(mesh, v.ndim) for k, v in eval_example.items()}
-
-    def eval_metrics(params, batch):
-      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return task.eval_metrics(nnx.merge(self.graphdef, params, self.rest), batch)
-
     self.eval_step = jax.jit(
-        eval_metrics,
+        under_mesh("eval_metrics"),
         in_shardings=(param_sh, eval_sharding), out_shardings=repl)
 
   def _global(self, local: dict) -> dict:

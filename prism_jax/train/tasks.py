@@ -41,6 +41,13 @@ def _cross_entropy(logits, targets):
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+def lm_loss_sum(model, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Σ next-token cross-entropies over tokens [B, T + 1] and their number."""
+  logits = model(tokens[:, :-1])                         # [B, T, vocab]
+  ce = _cross_entropy(logits, tokens[:, 1:])
+  return ce.sum(), jnp.asarray(ce.size, jnp.float32)
+
+
 class LMTask:
   """Next-token prediction on a text corpus; eval reports loss and bits per byte (or token)."""
 
@@ -76,10 +83,7 @@ class LMTask:
     return CausalLM(self.model_config, rngs=rngs)
 
   def loss_sum(self, model, batch):
-    tokens = batch["tokens"]                               # [B, T + 1]
-    logits = model(tokens[:, :-1])                         # [B, T, vocab]
-    ce = _cross_entropy(logits, tokens[:, 1:])
-    return ce.sum(), jnp.asarray(ce.size, jnp.float32)
+    return lm_loss_sum(model, batch["tokens"])
 
   def train_batch(self, n: int) -> dict:
     return {"tokens": self.sampler.batch(n)}
