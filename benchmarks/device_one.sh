@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Benchmarks on one GPU, in phases: each argument is a phase, run after the one before; jobs
+# joined by '+' inside a phase share the GPU side by side, so only phases of one job time anything.
+#   bash benchmarks/device_one.sh throughput "probing+kernel_tests+recsys" kernel_bench
+# Jobs: throughput, probing, ablations, recsys, recsys_ablations, kernel_tests, compile_matrix,
+# stages, kernel_bench, acceptance. Each is killed at LIMIT_<job> seconds (default 300) and keeps
+# what it already printed. Logs land in $OUT/results.tgz (+ jcache.tgz); carry .whl, .jcache and
+# data_cache (MovieLens-100k from scripts/fetch_movielens.sh).
+set -o pipefail
+source "$(dirname "$0")/device_env.sh"
+export RECSYS="--data data_cache/ml-100k/u.data ${RECSYS_ARGS:---steps 1000 --d-model 64 --seq-len 50}"
+job() {
+  case $1 in
+    throughput) python3 benchmarks/throughput.py ${THROUGHPUT_ARGS:---time-budget 280} \
+      --json "$LOG/throughput.json" --markdown "$LOG/throughput.md" ;;
+    probing) python3 benchmarks/probing.py ${PROBING_ARGS:---time-limit 280} \
+      --json "$LOG/probing.json" --markdown "$LOG/probing.md" ;;
+    ablations) python3 benchmarks/probing.py --ablations ${ABLATION_ARGS:---time-limit 280} \
+      --json "$LOG/ablations.json" --markdown "$LOG/ablations.md" ;;
+    recsys) python3 benchmarks/recsys.py $RECSYS --write "$LOG/recsys.md" ;;
+    recsys_ablations) python3 benchmarks/recsys.py $RECSYS --ablations --write "$LOG/recsys.md" ;;
+    kernel_tests) python3 -m pytest -q -p no:cacheprovider -m "not slow" --durations=10 \
+      tests/kernels/test_pallas_gpu_compiled.py ;;
+    acceptance) python3 -m pytest -q -p no:cacheprovider -k acceptance \
+      tests/kernels/test_pallas_gpu_compiled.py ;;
+    # Which (dtype, head dim, L) the compiled kernels fit in shared memory: one compile each.
+    compile_matrix)
+      for d in float32 bfloat16; do for D in 64 128; do for L in 1 2 3 4; do
+        python3 -W ignore benchmarks/kernels.py --compile-check "${PRISM_GPU_BLOCKS:-64,4,2}" \
+          --dtype $d --dim $D --writes $L > "$LOG/cc_${d}_${D}_$L.txt" 2>&1 &
+      done; done; done; wait
+      grep -h '^compile' "$LOG"/cc_*.txt; rm -f "$LOG"/cc_*.txt ;;
+    stages) python3 -W ignore benchmarks/kernels.py --stages ;;
+    kernel_bench) python3 -W ignore benchmarks/kernels.py ${KERNEL_ARGS:---quick --skip-naive} \
+      --json "$LOG/kernels.json" ;;
+    *) echo "unknown job $1"; return 2 ;;
+  esac
+}
+for phase in "$@"; do
+  echo "phase $phase start $(date -u +%T)" >> "$LOG/env.txt"
+  for name in ${phase//+/ }; do
+    limit=LIMIT_$name
+    ( timeout "${!limit:-300}" bash -c "$(declare -f job); job $name" > "$LOG/$name.log" 2>&1
+      echo "[$name rc=$?]" >> "$LOG/$name.log" ) &
+  done
+  wait
+done
+echo "end $(date -u +%T)" >> "$LOG/env.txt"
+tail -n 30 "$LOG"/*.log
+tar czf "$OUT/results.tgz" -C "$OUT" logs && rm -rf "$LOG"
+tar czf "$OUT/jcache.tgz" .jcache 2>/dev/null
+ls -la "$OUT"
