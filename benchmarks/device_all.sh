@@ -2,27 +2,10 @@
 # One call on a 4-GPU H200 machine: four single-GPU jobs side by side (one GPU each), then the
 # multi-GPU scaling run on all four. Everything lands in $OUT/results.tgz (+ jcache.tgz).
 #   bash benchmarks/device_all.sh   (carry: .whl, .jcache, data_cache)
-# .whl/ (ignored) holds the wheels the GPU image lacks: flash-linear-attention 0.6.0 and fla-core
-# 0.6.0 (kernel comparison) and ml_collections (configs of the training code), fetched with
-# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64`.
 # Phase limits (seconds) come from PHASE_A / PHASE_B; each job is killed at its limit and keeps
 # the rows it already printed.
 set -o pipefail
-OUT=${OUT:-/tmp/prism_out}
-LOG=$OUT/logs
-mkdir -p "$LOG"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-# NVLink multicast stays off on shared hosts (JAX uses NCCL for its collectives).
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export JAX_COMPILATION_CACHE_DIR=$PWD/.jcache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD:$PWD/tests/kernels:${PYTHONPATH:-}
-{ date -u; git log -1 --format=%H 2>/dev/null; nvidia-smi --query-gpu=index,name,memory.total \
-  --format=csv; python3 -c "import jax; print(jax.__version__, jax.devices())"; } \
-  > "$LOG/env.txt" 2>&1
+source "$(dirname "$0")/device_env.sh"
 A=${PHASE_A:-330}
 B=${PHASE_B:-240}
 on() { local gpu=$1 name=$2; shift 2
