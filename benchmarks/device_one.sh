@@ -3,26 +3,33 @@
 # joined by '+' inside a phase share the GPU side by side, so only phases of one job time anything.
 #   bash benchmarks/device_one.sh throughput "probing+kernel_tests+recsys" kernel_bench
 # Jobs: throughput, probing, ablations, recsys, recsys_ablations, kernel_tests, compile_matrix,
-# stages, kernel_bench, acceptance. Each is killed at LIMIT_<job> seconds (default 300) and keeps
-# what it already printed. Logs land in $OUT/results.tgz (+ jcache.tgz); carry .whl, .jcache and
+# stages, kernel_bench, acceptance, gpu_tests. Each is killed at LIMIT_<job> seconds (default
+# 300) and keeps what it already printed. Logs land in $OUT/results.tgz (+ jcache.tgz); carry .whl, .jcache and
 # data_cache (MovieLens-100k from scripts/fetch_movielens.sh).
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
-export RECSYS="--data data_cache/ml-100k/u.data ${RECSYS_ARGS:---steps 1000 --d-model 64 --seq-len 50}"
+# A job's extra arguments come from ARGS_<job>; a digit suffix runs a job again under another
+# name (throughput2 with ARGS_throughput2), its logs apart.
 job() {
-  case $1 in
-    throughput) python3 benchmarks/throughput.py ${THROUGHPUT_ARGS:---time-budget 280} \
-      --json "$LOG/throughput.json" --markdown "$LOG/throughput.md" ;;
-    probing) python3 benchmarks/probing.py ${PROBING_ARGS:---time-limit 280} \
-      --json "$LOG/probing.json" --markdown "$LOG/probing.md" ;;
-    ablations) python3 benchmarks/probing.py --ablations ${ABLATION_ARGS:---time-limit 280} \
-      --json "$LOG/ablations.json" --markdown "$LOG/ablations.md" ;;
-    recsys) python3 benchmarks/recsys.py $RECSYS --write "$LOG/recsys.md" ;;
-    recsys_ablations) python3 benchmarks/recsys.py $RECSYS --ablations --write "$LOG/recsys.md" ;;
+  local name=$1 extra=ARGS_$1; extra=${!extra:-}
+  local recsys="--data data_cache/ml-100k/u.data --steps 1000 --d-model 64 --seq-len 50"
+  case ${name%%[0-9]*} in
+    throughput) python3 benchmarks/throughput.py --time-budget 280 $extra \
+      --json "$LOG/$name.json" --markdown "$LOG/$name.md" ;;
+    probing) python3 benchmarks/probing.py --time-limit 280 $extra \
+      --json "$LOG/$name.json" --markdown "$LOG/$name.md" ;;
+    ablations) python3 benchmarks/probing.py --ablations --time-limit 280 $extra \
+      --json "$LOG/$name.json" --markdown "$LOG/$name.md" ;;
+    recsys) python3 benchmarks/recsys.py $recsys $extra --write "$LOG/$name.md" ;;
+    recsys_ablations) python3 benchmarks/recsys.py $recsys --ablations $extra \
+      --write "$LOG/$name.md" ;;
     kernel_tests) python3 -m pytest -q -p no:cacheprovider -m "not slow" --durations=10 \
-      tests/kernels/test_pallas_gpu_compiled.py ;;
+      tests/kernels/test_pallas_gpu_compiled.py $extra ;;
     acceptance) python3 -m pytest -q -p no:cacheprovider -k acceptance \
       tests/kernels/test_pallas_gpu_compiled.py ;;
+    # The GPU-only paths outside the kernels (cuDNN attention, the parallel pass over chunks).
+    gpu_tests) python3 -m pytest -q -p no:cacheprovider tests/layers/test_baselines.py \
+      tests/ops/test_chunk_parallel.py $extra ;;
     # Which (dtype, head dim, L) the compiled kernels fit in shared memory: one compile each.
     compile_matrix)
       for d in float32 bfloat16; do for D in 64 128; do for L in 1 2 3 4; do
@@ -31,9 +38,9 @@ job() {
       done; done; done; wait
       grep -h '^compile' "$LOG"/cc_*.txt; rm -f "$LOG"/cc_*.txt ;;
     stages) python3 -W ignore benchmarks/kernels.py --stages ;;
-    kernel_bench) python3 -W ignore benchmarks/kernels.py ${KERNEL_ARGS:---quick --skip-naive} \
-      --json "$LOG/kernels.json" ;;
-    *) echo "unknown job $1"; return 2 ;;
+    kernel_bench) python3 -W ignore benchmarks/kernels.py ${extra:---quick --skip-naive} \
+      --json "$LOG/$name.json" ;;
+    *) echo "unknown job $name"; return 2 ;;
   esac
 }
 for phase in "$@"; do

@@ -60,6 +60,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs.base import base_config  # noqa: E402
 from prism_jax.models import CausalLM, ModelConfig, lm_130m_config, tiny_lm_config  # noqa: E402
+from prism_jax.ops import chunk as chunk_ops  # noqa: E402
 from prism_jax.ops.api import IMPLS  # noqa: E402
 from prism_jax.train import init_state, make_optimizer, make_train_step  # noqa: E402
 from prism_jax.train.tasks import lm_loss_sum  # noqa: E402
@@ -401,6 +402,10 @@ def parse_args(argv=None):
   p.add_argument("--head-dim", type=int)
   p.add_argument("--vocab", type=int)
   p.add_argument("--chunk-size", type=int, help="chunk of the recurrence (default: the preset's)")
+  p.add_argument("--parallel-min-chunks", type=int,
+                 help="chunks per sequence from which the chunked form's pass over chunks runs "
+                      "as a parallel prefix scan off CPU (prism_jax.ops.chunk.PARALLEL_MIN_CHUNKS; "
+                      "0 = always, a huge value = never)")
   p.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1))
   p.add_argument("--time-budget", type=float, default=400.0,
                  help="seconds after which remaining cases are skipped (rows say so)")
@@ -429,6 +434,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.parallel_min_chunks is not None:
+    chunk_ops.PARALLEL_MIN_CHUNKS = args.parallel_min_chunks
   start = time.perf_counter()
   deadline = start + args.time_budget
   overrides = {k: v for k, v in (("d_model", args.d_model), ("num_layers", args.layers),
@@ -441,7 +448,8 @@ def main(argv=None) -> dict:
           "commit": os.environ.get("PRISM_COMMIT") or git_commit(),
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
           "device": f"{dev.platform} {dev.device_kind}", "jax": jax.__version__,
-          "host": platform.node(), "peak_flops": PEAK_FLOPS, "matmul_flops": MATMUL_FLOPS}
+          "host": platform.node(), "peak_flops": PEAK_FLOPS, "matmul_flops": MATMUL_FLOPS,
+          "parallel_min_chunks": chunk_ops.PARALLEL_MIN_CHUNKS}
   print(f"# {meta['command']}\n# commit {meta['commit']}, {meta['device']}, jax {meta['jax']}, "
         f"{meta['date']}", flush=True)
 

@@ -20,6 +20,9 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Arra
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
 class CausalSelfAttention(nnx.Module):
   """softmax(Q Kᵀ / sqrt(Dh) + mask) V with RoPE on Q and K, via `jax.nn.dot_product_attention`.
 
@@ -27,13 +30,21 @@ class CausalSelfAttention(nnx.Module):
   packed sequences (RoPE is relative, so absolute positions across a pack are harmless).
   `num_kv_heads` < `num_heads` gives grouped-query attention. The decode cache holds keys and
   values [B, max_len, N_kv, Dh] and the number of filled positions.
+
+  `implementation`: "xla" materialises the [T, T] scores (any backend, any mask); "cudnn" is
+  cuDNN's fused flash attention (GPU, bf16/fp16, head_dim a multiple of 8 up to 128, causal mask
+  only: memory linear in T); "auto" takes cuDNN for the causal training call wherever it
+  applies and XLA otherwise (packed segments, the cache, CPU/TPU, float32).
   """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *,
                num_kv_heads: int | None = None, rope_theta: float = 10000.0,
                max_len: int = 2048, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               implementation: str = "auto", rngs: nnx.Rngs):
     num_kv_heads = num_kv_heads or num_heads
+    if implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"CausalSelfAttention: implementation must be one of {IMPLEMENTATIONS}, "
+                       f"got {implementation!r}")
     for name, val in (("d_model", d_model), ("num_heads", num_heads), ("head_dim", head_dim),
                       ("num_kv_heads", num_kv_heads), ("max_len", max_len)):
       if not isinstance(val, int) or val < 1:
@@ -45,7 +56,7 @@ class CausalSelfAttention(nnx.Module):
                        f"num_kv_heads={num_kv_heads}")
     self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
     self.num_kv_heads, self.rope_theta, self.max_len = num_kv_heads, rope_theta, max_len
-    self.dtype = dtype
+    self.dtype, self.implementation = dtype, implementation
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.q_proj = dense(d_model, num_heads * head_dim, ("embed", "heads"), **kw)
     self.k_proj = dense(d_model, num_kv_heads * head_dim, ("embed", "heads"), **kw)
@@ -64,11 +75,26 @@ class CausalSelfAttention(nnx.Module):
     o = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
     return self.out(o.reshape(*o.shape[:2], -1)).astype(x.dtype)
 
+  def _fused(self, q: jax.Array, segment_ids: jax.Array | None) -> bool:
+    """Whether the causal training call runs as cuDNN flash attention."""
+    if self.implementation != "auto":
+      return self.implementation == "cudnn"
+    return (segment_ids is None and jax.default_backend() == "gpu"
+            and q.dtype in (jnp.bfloat16, jnp.float16)
+            and self.head_dim % 8 == 0 and self.head_dim <= 128)
+
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     check_input("x", x, 3, "[B, T, D]", self.d_model)
     check_segment_ids(segment_ids, x)
     B, T, _ = x.shape
     q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(T), (B, T)))
+    if self._fused(q, segment_ids):
+      if segment_ids is not None:
+        raise ValueError("CausalSelfAttention: implementation='cudnn' takes no segment_ids "
+                         "(its mask is causal only); use 'xla' or 'auto' for packed sequences")
+      o = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
+                                       implementation="cudnn")
+      return self.out(o.reshape(B, T, -1)).astype(x.dtype)
     return self._attend(q, k, v, same_segment_mask(segment_ids, B, T), x)
 
   def init_cache(self, batch_size: int, max_len: int | None = None) -> dict:

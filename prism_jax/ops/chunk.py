@@ -15,7 +15,7 @@ and, given the state S₀ entering the chunk, X = U − Wk S₀ ("new values") a
     S_C  = γ_C S₀ + (K₁ ⊙ e)ᵀ X + Σ_{l≥2} (K^l ⊙ e)ᵀ W^l.
 
 Only the pass over chunks (X and S_C from S₀: two C×K by K×V sized products per chunk) is
-sequential. The gradient is hand-written (`jax.custom_vjp` on `_chunk_core`): a reverse pass
+sequential, or a parallel prefix over the chunks' affine maps on accelerators (below). The gradient is hand-written (`jax.custom_vjp` on `_chunk_core`): a reverse pass
 over chunks carries the state cotangent, everything else is batched over chunks, and the states
 saved at chunk boundaries keep memory linear in T. Padding, the cumulative sum of g and the
 segment masks stay outside the custom rule, in plain JAX, and are differentiated by autodiff.
@@ -23,6 +23,8 @@ Derivation: `prism_jax/ops/README.md`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -105,14 +107,50 @@ def _tile_writes(x: jax.Array, L: int) -> jax.Array:
   return jnp.tile(x, (1,) * (x.ndim - 1) + (L,))
 
 
-def _state_pass(h0, uw, k1e, e_rest, gamma_end):
+# The pass over chunks is a chain of affine maps of the state, S ↦ M_n S + c_n. On CPU it runs
+# as a sequential scan (fewest FLOPs). On GPU/TPU a long scan is bound by the latency of its
+# tiny per-chunk steps rather than by work, so from PARALLEL_MIN_CHUNKS chunks per sequence on
+# the maps are composed by a parallel prefix (`jax.lax.associative_scan`, depth log₂ N) at the
+# price of one K×K×K product per composition.
+PARALLEL_MIN_CHUNKS = 64
+
+
+def use_parallel_pass(num_chunks: int) -> bool:
+  """The static choice between the sequential and the parallel pass over chunks."""
+  return jax.default_backend() != "cpu" and num_chunks >= PARALLEL_MIN_CHUNKS
+
+
+def _affine_prefix(m: jax.Array, c: jax.Array, x0: jax.Array) -> jax.Array:
+  """x_{n+1} = m_n x_n + c_n for n = 0..N−1 in parallel: returns [x_1, …, x_N].
+
+  m [N, ..., K, K], c [N, ..., K, V], x0 [..., K, V].
+  """
+  def compose(first, then):
+    (m1, c1), (m2, c2) = first, then
+    return (einsum32("...ij,...jk->...ik", m2, m1),
+            einsum32("...ij,...jv->...iv", m2, c1) + c2)
+
+  m_all, c_all = jax.lax.associative_scan(compose, (m, c))
+  return einsum32("...ij,...jv->...iv", m_all, x0) + c_all
+
+
+def _state_pass(h0, uw, k1e, e_rest, gamma_end, parallel=False):
   """S_{n+1} = γ_C S_n + (K₁ ⊙ e)ᵀ X_n + E_n with X_n = U_n − Wk_n S_n, over chunks n.
 
   h0 [B, H, K, V]; uw = [U | Wk] [N, B, H, C, V + K]; k1e [N, B, H, C, K]; e_rest
   [N, B, H, K, V] (the l ≥ 2 writes, or None when L = 1); gamma_end [N, B, H].
   Returns (states entering each chunk [N, B, H, K, V], X [N, B, H, C, V], final state).
+  With `parallel`, S_{n+1} = (γ_C I − (K₁ ⊙ e)ᵀ Wk) S_n + ((K₁ ⊙ e)ᵀ U + E) by a prefix scan.
   """
   V = h0.shape[-1]
+  if parallel:
+    u, wk = uw[..., :V], uw[..., V:]
+    eye = jnp.eye(h0.shape[-2], dtype=jnp.float32)
+    m = gamma_end[..., None, None] * eye - einsum32("...ck,...cj->...kj", k1e, wk)
+    c = einsum32("...ck,...cv->...kv", k1e, u) + (0.0 if e_rest is None else e_rest)
+    after = _affine_prefix(m, c, h0)  # states leaving each chunk
+    states = jnp.concatenate([h0[None], after[:-1]], axis=0)
+    return states, u - einsum32("...ck,...kv->...cv", wk, states), after[-1]
 
   def step(state, xs):
     uw_n, k1e_n, g_n = xs[:3]
@@ -127,7 +165,7 @@ def _state_pass(h0, uw, k1e, e_rest, gamma_end):
   return states, x, final
 
 
-def _state_cotangent_pass(d_final, pdo1, k1e, uw, gamma_end, gqdo):
+def _state_cotangent_pass(d_final, pdo1, k1e, uw, gamma_end, gqdo, parallel=False):
   """The reverse of `_state_pass`: with dS the cotangent of the state leaving chunk n,
 
       dX_n = P₁ᵀ dO_n + (K₁ ⊙ e) dS,   dS_n = γ_C dS + (γ ⊙ Q)ᵀ dO_n − Wkᵀ dX_n.
@@ -135,8 +173,18 @@ def _state_cotangent_pass(d_final, pdo1, k1e, uw, gamma_end, gqdo):
   pdo1 = P₁ᵀ dO [N, B, H, C, V] and gqdo = (γ ⊙ Q)ᵀ dO [N, B, H, K, V] do not depend on the
   state and come in precomputed; uw = [U | Wk]. Returns (dS leaving each chunk [N, B, H, K, V],
   dX (total) [N, B, H, C, V], cotangent of the initial state [B, H, K, V]).
+  With `parallel`, dS_n = Mᵀ dS + (γ ⊙ Q)ᵀ dO_n − Wkᵀ P₁ᵀ dO_n (M of `_state_pass`), composed
+  from the last chunk back by a prefix scan.
   """
   V = d_final.shape[-1]
+  if parallel:
+    wk = uw[..., V:]
+    eye = jnp.eye(d_final.shape[-2], dtype=jnp.float32)
+    m_t = gamma_end[..., None, None] * eye - einsum32("...cj,...ck->...jk", wk, k1e)
+    c = gqdo - einsum32("...ck,...cv->...kv", wk, pdo1)
+    entering = _affine_prefix(m_t[::-1], c[::-1], d_final)[::-1]  # dS entering each chunk
+    d_out = jnp.concatenate([entering[1:], d_final[None]], axis=0)
+    return d_out, pdo1 + einsum32("...ck,...kv->...cv", k1e, d_out), entering[0]
 
   def step(d_state, xs):
     pdo_n, k1e_n, uw_n, g_n, gqdo_n = xs
@@ -151,20 +199,20 @@ def _state_cotangent_pass(d_final, pdo1, k1e, uw, gamma_end, gqdo):
   return d_out, dx, d_h0
 
 
-@jax.custom_vjp
-def _chunk_core(q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunk_core(parallel, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
   """The chunk algebra on chunk-major float32 arrays (module docstring), hand-differentiated.
 
   q [N, B, H, C, K] scaled; keys [N, B, H, L·C, K] and w [N, B, H, L·C, V] stacked write-major
   (row l·C + i is write l of position i); b1 = β¹ [N, B, H, C]; decay = D [N, B, H, C, C]
   (zero outside the causal same-sequence mask); gamma, to_end = γ, e [N, B, H, C];
-  gamma_end = γ_C [N, B, H]; h0 [B, H, K, V].
+  gamma_end = γ_C [N, B, H]; h0 [B, H, K, V]. `parallel` (static) picks the pass over chunks.
   Returns (O [N, B, H, C, V], final state [B, H, K, V]).
   """
-  return _core_fwd(q, keys, w, b1, decay, gamma, to_end, gamma_end, h0)[0]
+  return _core_fwd(parallel, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0)[0]
 
 
-def _core_fwd(q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
+def _core_fwd(parallel, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
   C, V = q.shape[-2], w.shape[-1]
   L = keys.shape[-2] // C
   k1 = keys[..., :C, :]  # K₁: [N, B, H, C, K]
@@ -181,7 +229,7 @@ def _core_fwd(q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
   uw = einsum32("...ij,...jd->...id", inv, jnp.concatenate([rhs, bk], axis=-1))  # [U | Wk]
   ke = keys * _tile_writes(to_end, L)[..., None]  # K^l ⊙ e: [N, B, H, L·C, K]
   e_rest = (einsum32("...ck,...cv->...kv", ke[..., C:, :], w[..., C:, :]) if L > 1 else None)
-  states, x, final = _state_pass(h0, uw, ke[..., :C, :], e_rest, gamma_end)
+  states, x, final = _state_pass(h0, uw, ke[..., :C, :], e_rest, gamma_end, parallel)
   y = jnp.concatenate([x, w[..., C:, :]], axis=-2)  # Y: [X ; W² ; … ; W^L], [N, B, H, L·C, V]
   p = qk_kk[..., :C, :] * decay_all  # lower((Q K^lᵀ) ⊙ D): [N, B, H, C, L·C]
   # O = [γ ⊙ Q | P] [S₀ ; Y] as one product.
@@ -191,7 +239,7 @@ def _core_fwd(q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
   return (o, final), res
 
 
-def _core_bwd(res, cotangents):
+def _core_bwd(parallel, res, cotangents):
   q, keys, w, b1, decay, gamma, to_end, gamma_end, qk_kk, inv, uw, states, x = res
   do, d_final = cotangents
   C, K, V = q.shape[-2], q.shape[-1], w.shape[-1]
@@ -211,7 +259,7 @@ def _core_bwd(res, cotangents):
   gq_do, p_do = gqp_do[..., :K, :], gqp_do[..., K:, :]  # [.., K, V], [.., L·C, V]
 
   d_out, dx, d_h0 = _state_cotangent_pass(d_final, p_do[..., :C, :], ke[..., :C, :], uw,
-                                          gamma_end, gq_do)
+                                          gamma_end, gq_do, parallel)
   # S_C = γ_C S₀ + Σ_l (K^l ⊙ e)ᵀ Y^l.
   d_ke = einsum32("...cv,...kv->...ck", y, d_out)  # d(K ⊙ e): [N, B, H, L·C, K]
   d_gamma_end = jnp.sum(states * d_out, axis=(-2, -1))  # [N, B, H]
@@ -256,9 +304,10 @@ _chunk_core.defvjp(_core_fwd, _core_bwd)
 
 
 def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=False,
-                segment_ids=None, scale=None, chunk_size=64):
+                segment_ids=None, scale=None, chunk_size=64, state_pass="auto"):
   """Chunked form; arguments as `prism_recurrence`. Any T: the tail is padded internally
-  (g = 0, β = 0, δ = 0 on padding, which leaves the state unchanged)."""
+  (g = 0, β = 0, δ = 0 on padding, which leaves the state unchanged). `state_pass`: "scan"
+  (sequential over chunks), "parallel" (prefix scan) or "auto" (`use_parallel_pass`)."""
   B, T, H, K = q.shape
   L, V = v.shape[-2], v.shape[-1]
   C = chunk_size
@@ -291,6 +340,9 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
 
   state0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
             else initial_state.astype(jnp.float32))
-  o, final = _chunk_core(q, keys, w, b1, decay, gamma, to_end, gamma[..., -1], state0)
+  if state_pass not in ("auto", "scan", "parallel"):
+    raise ValueError(f"state_pass must be 'auto', 'scan' or 'parallel', got {state_pass!r}")
+  parallel = use_parallel_pass(N) if state_pass == "auto" else state_pass == "parallel"
+  o, final = _chunk_core(parallel, q, keys, w, b1, decay, gamma, to_end, gamma[..., -1], state0)
   o = jnp.moveaxis(o, (0, 3), (1, 2)).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
   return o.astype(out_dtype), (final if output_final_state else None)

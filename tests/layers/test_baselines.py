@@ -160,6 +160,40 @@ def test_attention_matches_softmax_reference():
   assert_close("attention", o @ np.asarray(att.out.kernel[...], np.float64), att(x))
 
 
+def test_attention_implementation_choice_and_errors():
+  """auto stays on XLA off-GPU, for float32 and with packed segments; bad choices are named."""
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    CausalSelfAttention(16, 2, 8, implementation="flash", rngs=nnx.Rngs(0))
+  att = CausalSelfAttention(16, 2, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+  on_gpu = jax.default_backend() == "gpu"
+  assert att._fused(q, None) == on_gpu
+  assert not att._fused(q, jnp.zeros((1, 4), jnp.int32))
+  assert not att._fused(q.astype(jnp.float32), None)
+  fused = CausalSelfAttention(16, 2, 8, implementation="cudnn", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="takes no segment_ids"):
+    fused(jnp.zeros((1, 4, 16)), jnp.zeros((1, 4), jnp.int32))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_attention_matches_xla():
+  """The fused causal path == the materialised one, outputs and gradients, bf16 on GPU."""
+  kw = dict(dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  xla = CausalSelfAttention(64, 4, 32, implementation="xla", **kw)
+  fused = CausalSelfAttention(64, 4, 32, implementation="cudnn", **kw)
+  nnx.update(fused, nnx.state(xla))
+  x = jax.random.normal(jax.random.key(5), (2, 300, 64))
+  loss = lambda m, x: jnp.sum(jnp.sin(m(x).astype(jnp.float32)))
+  grads = [nnx.grad(loss, argnums=(0, 1))(m, x) for m in (xla, fused)]
+  # Both sides are bf16 computations (each within the bf16 tolerance 5e-3 of exact), so
+  # their distance is allowed twice that.
+  tol = 1e-2
+  assert_close("attention cudnn", xla(x), fused(x), tol)
+  assert_close("attention cudnn dx", grads[0][1], grads[1][1], tol)
+  assert_close("attention cudnn dWq", grads[0][0].q_proj.kernel[...],
+               grads[1][0].q_proj.kernel[...], tol)
+
+
 def test_rope_rotates_pairs_and_is_relative():
   """RoPE keeps norms and makes q·k depend only on the position difference."""
   x = jax.random.normal(jax.random.key(4), (1, 2, 1, 8))
