@@ -17,7 +17,10 @@ and, given the state S₀ entering the chunk, X = U − Wk S₀ ("new values") a
 Only the pass over chunks (X and S_C from S₀: two C×K by K×V sized products per chunk) is
 sequential, or a parallel prefix over the chunks' affine maps on accelerators (below). The gradient is hand-written (`jax.custom_vjp` on `_chunk_core`): a reverse pass
 over chunks carries the state cotangent, everything else is batched over chunks, and the states
-saved at chunk boundaries keep memory linear in T. Padding, the cumulative sum of g and the
+saved at chunk boundaries keep memory linear in T. Float32 inputs get every product at full
+float32 precision; bf16/fp16 inputs get the backend's default float32 matmul (TF32 tensor cores
+on GPU, bf16 passes on TPU, exact on CPU) for every product but the inverse (I + A)⁻¹ itself,
+which is always full float32; state and accumulators are float32 either way. Padding, the cumulative sum of g and the
 segment masks stay outside the custom rule, in plain JAX, and are differentiated by autodiff.
 Derivation: `prism_jax/ops/README.md`.
 """
@@ -31,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from prism_jax.ops.utils import chunked_sequence_index, einsum32
+
+HIGHEST, DEFAULT = jax.lax.Precision.HIGHEST, jax.lax.Precision.DEFAULT
 
 
 def _doubling_inverse(a: jax.Array) -> jax.Array:
@@ -120,21 +125,21 @@ def use_parallel_pass(num_chunks: int) -> bool:
   return jax.default_backend() != "cpu" and num_chunks >= PARALLEL_MIN_CHUNKS
 
 
-def _affine_prefix(m: jax.Array, c: jax.Array, x0: jax.Array) -> jax.Array:
+def _affine_prefix(m: jax.Array, c: jax.Array, x0: jax.Array, mm=einsum32) -> jax.Array:
   """x_{n+1} = m_n x_n + c_n for n = 0..N−1 in parallel: returns [x_1, …, x_N].
 
-  m [N, ..., K, K], c [N, ..., K, V], x0 [..., K, V].
+  m [N, ..., K, K], c [N, ..., K, V], x0 [..., K, V]; `mm` is the einsum of the products.
   """
   def compose(first, then):
     (m1, c1), (m2, c2) = first, then
-    return (einsum32("...ij,...jk->...ik", m2, m1),
-            einsum32("...ij,...jv->...iv", m2, c1) + c2)
+    return (mm("...ij,...jk->...ik", m2, m1),
+            mm("...ij,...jv->...iv", m2, c1) + c2)
 
   m_all, c_all = jax.lax.associative_scan(compose, (m, c))
-  return einsum32("...ij,...jv->...iv", m_all, x0) + c_all
+  return mm("...ij,...jv->...iv", m_all, x0) + c_all
 
 
-def _state_pass(h0, uw, k1e, e_rest, gamma_end, parallel=False):
+def _state_pass(h0, uw, k1e, e_rest, gamma_end, parallel=False, mm=einsum32):
   """S_{n+1} = γ_C S_n + (K₁ ⊙ e)ᵀ X_n + E_n with X_n = U_n − Wk_n S_n, over chunks n.
 
   h0 [B, H, K, V]; uw = [U | Wk] [N, B, H, C, V + K]; k1e [N, B, H, C, K]; e_rest
@@ -146,16 +151,16 @@ def _state_pass(h0, uw, k1e, e_rest, gamma_end, parallel=False):
   if parallel:
     u, wk = uw[..., :V], uw[..., V:]
     eye = jnp.eye(h0.shape[-2], dtype=jnp.float32)
-    m = gamma_end[..., None, None] * eye - einsum32("...ck,...cj->...kj", k1e, wk)
-    c = einsum32("...ck,...cv->...kv", k1e, u) + (0.0 if e_rest is None else e_rest)
-    after = _affine_prefix(m, c, h0)  # states leaving each chunk
+    m = gamma_end[..., None, None] * eye - mm("...ck,...cj->...kj", k1e, wk)
+    c = mm("...ck,...cv->...kv", k1e, u) + (0.0 if e_rest is None else e_rest)
+    after = _affine_prefix(m, c, h0, mm)  # states leaving each chunk
     states = jnp.concatenate([h0[None], after[:-1]], axis=0)
-    return states, u - einsum32("...ck,...kv->...cv", wk, states), after[-1]
+    return states, u - mm("...ck,...kv->...cv", wk, states), after[-1]
 
   def step(state, xs):
     uw_n, k1e_n, g_n = xs[:3]
-    x = uw_n[..., :V] - einsum32("...ck,...kv->...cv", uw_n[..., V:], state)  # [B, H, C, V]
-    new = g_n[..., None, None] * state + einsum32("...ck,...cv->...kv", k1e_n, x)
+    x = uw_n[..., :V] - mm("...ck,...kv->...cv", uw_n[..., V:], state)  # [B, H, C, V]
+    new = g_n[..., None, None] * state + mm("...ck,...cv->...kv", k1e_n, x)
     if e_rest is not None:
       new = new + xs[3]
     return new, (state, x)
@@ -165,7 +170,8 @@ def _state_pass(h0, uw, k1e, e_rest, gamma_end, parallel=False):
   return states, x, final
 
 
-def _state_cotangent_pass(d_final, pdo1, k1e, uw, gamma_end, gqdo, parallel=False):
+def _state_cotangent_pass(d_final, pdo1, k1e, uw, gamma_end, gqdo, parallel=False,
+                          mm=einsum32):
   """The reverse of `_state_pass`: with dS the cotangent of the state leaving chunk n,
 
       dX_n = P₁ᵀ dO_n + (K₁ ⊙ e) dS,   dS_n = γ_C dS + (γ ⊙ Q)ᵀ dO_n − Wkᵀ dX_n.
@@ -180,18 +186,18 @@ def _state_cotangent_pass(d_final, pdo1, k1e, uw, gamma_end, gqdo, parallel=Fals
   if parallel:
     wk = uw[..., V:]
     eye = jnp.eye(d_final.shape[-2], dtype=jnp.float32)
-    m_t = gamma_end[..., None, None] * eye - einsum32("...cj,...ck->...jk", wk, k1e)
-    c = gqdo - einsum32("...ck,...cv->...kv", wk, pdo1)
-    entering = _affine_prefix(m_t[::-1], c[::-1], d_final)[::-1]  # dS entering each chunk
+    m_t = gamma_end[..., None, None] * eye - mm("...cj,...ck->...jk", wk, k1e)
+    c = gqdo - mm("...ck,...cv->...kv", wk, pdo1)
+    entering = _affine_prefix(m_t[::-1], c[::-1], d_final, mm)[::-1]  # dS entering each chunk
     d_out = jnp.concatenate([entering[1:], d_final[None]], axis=0)
-    return d_out, pdo1 + einsum32("...ck,...kv->...cv", k1e, d_out), entering[0]
+    return d_out, pdo1 + mm("...ck,...kv->...cv", k1e, d_out), entering[0]
 
   def step(d_state, xs):
     pdo_n, k1e_n, uw_n, g_n, gqdo_n = xs
     wk_n = uw_n[..., V:]
-    dx = pdo_n + einsum32("...ck,...kv->...cv", k1e_n, d_state)  # [B, H, C, V]
+    dx = pdo_n + mm("...ck,...kv->...cv", k1e_n, d_state)  # [B, H, C, V]
     d_in = (g_n[..., None, None] * d_state + gqdo_n
-            - einsum32("...ck,...cv->...kv", wk_n, dx))
+            - mm("...ck,...cv->...kv", wk_n, dx))
     return d_in, (d_state, dx)
 
   d_h0, (d_out, dx) = jax.lax.scan(step, d_final, (pdo1, k1e, uw, gamma_end, gqdo),
@@ -200,46 +206,51 @@ def _state_cotangent_pass(d_final, pdo1, k1e, uw, gamma_end, gqdo, parallel=Fals
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunk_core(parallel, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
+def _chunk_core(opts, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
   """The chunk algebra on chunk-major float32 arrays (module docstring), hand-differentiated.
 
   q [N, B, H, C, K] scaled; keys [N, B, H, L·C, K] and w [N, B, H, L·C, V] stacked write-major
   (row l·C + i is write l of position i); b1 = β¹ [N, B, H, C]; decay = D [N, B, H, C, C]
   (zero outside the causal same-sequence mask); gamma, to_end = γ, e [N, B, H, C];
-  gamma_end = γ_C [N, B, H]; h0 [B, H, K, V]. `parallel` (static) picks the pass over chunks.
+  gamma_end = γ_C [N, B, H]; h0 [B, H, K, V]. opts = (parallel, precision), static: the pass
+  over chunks and the precision of every product but the inverse (`_unit_lower_inverse`).
   Returns (O [N, B, H, C, V], final state [B, H, K, V]).
   """
-  return _core_fwd(parallel, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0)[0]
+  return _core_fwd(opts, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0)[0]
 
 
-def _core_fwd(parallel, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
+def _core_fwd(opts, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
+  parallel, precision = opts
+  mm = functools.partial(einsum32, precision=precision)
   C, V = q.shape[-2], w.shape[-1]
   L = keys.shape[-2] // C
   k1 = keys[..., :C, :]  # K₁: [N, B, H, C, K]
   decay_all = _tile_writes(decay, L)  # D for every write: [N, B, H, C, L·C]
   # Q and K₁ against all keys in one product: [Q Kᵀ ; K₁ Kᵀ], [N, B, H, 2C, L·C].
-  qk_kk = einsum32("...ik,...jk->...ij", jnp.concatenate([q, k1], axis=-2), keys)
+  qk_kk = mm("...ik,...jk->...ij", jnp.concatenate([q, k1], axis=-2), keys)
   kk = qk_kk[..., C:, :]
   inv = _unit_lower_inverse(_strict(b1[..., None] * kk[..., :C] * decay))  # (I + A)⁻¹
   rhs = w[..., :C, :]
   if L > 1:
     m = _strict(b1[..., None] * kk[..., C:] * decay_all[..., C:])  # [M² | … | M^L]
-    rhs = rhs - einsum32("...ij,...jv->...iv", m, w[..., C:, :])
+    rhs = rhs - mm("...ij,...jv->...iv", m, w[..., C:, :])
   bk = (b1 * gamma)[..., None] * k1  # diag(β¹γ) K₁
-  uw = einsum32("...ij,...jd->...id", inv, jnp.concatenate([rhs, bk], axis=-1))  # [U | Wk]
+  uw = mm("...ij,...jd->...id", inv, jnp.concatenate([rhs, bk], axis=-1))  # [U | Wk]
   ke = keys * _tile_writes(to_end, L)[..., None]  # K^l ⊙ e: [N, B, H, L·C, K]
-  e_rest = (einsum32("...ck,...cv->...kv", ke[..., C:, :], w[..., C:, :]) if L > 1 else None)
-  states, x, final = _state_pass(h0, uw, ke[..., :C, :], e_rest, gamma_end, parallel)
+  e_rest = (mm("...ck,...cv->...kv", ke[..., C:, :], w[..., C:, :]) if L > 1 else None)
+  states, x, final = _state_pass(h0, uw, ke[..., :C, :], e_rest, gamma_end, parallel, mm)
   y = jnp.concatenate([x, w[..., C:, :]], axis=-2)  # Y: [X ; W² ; … ; W^L], [N, B, H, L·C, V]
   p = qk_kk[..., :C, :] * decay_all  # lower((Q K^lᵀ) ⊙ D): [N, B, H, C, L·C]
   # O = [γ ⊙ Q | P] [S₀ ; Y] as one product.
-  o = einsum32("...ij,...jv->...iv", jnp.concatenate([gamma[..., None] * q, p], axis=-1),
+  o = mm("...ij,...jv->...iv", jnp.concatenate([gamma[..., None] * q, p], axis=-1),
                jnp.concatenate([states, y], axis=-2))
   res = (q, keys, w, b1, decay, gamma, to_end, gamma_end, qk_kk, inv, uw, states, x)
   return (o, final), res
 
 
-def _core_bwd(parallel, res, cotangents):
+def _core_bwd(opts, res, cotangents):
+  parallel, precision = opts
+  mm = functools.partial(einsum32, precision=precision)
   q, keys, w, b1, decay, gamma, to_end, gamma_end, qk_kk, inv, uw, states, x = res
   do, d_final = cotangents
   C, K, V = q.shape[-2], q.shape[-1], w.shape[-1]
@@ -253,31 +264,31 @@ def _core_bwd(parallel, res, cotangents):
   y = jnp.concatenate([x, w[..., C:, :]], axis=-2)
 
   # O = [γ ⊙ Q | P] [S₀ ; Y]: dO [S₀ ; Y]ᵀ and [γ ⊙ Q | P]ᵀ dO, one product each.
-  do_sy = einsum32("...iv,...jv->...ij", do, jnp.concatenate([states, y], axis=-2))
+  do_sy = mm("...iv,...jv->...ij", do, jnp.concatenate([states, y], axis=-2))
   dgq, dp = do_sy[..., :K], do_sy[..., K:]  # [N, B, H, C, K], [N, B, H, C, L·C]
-  gqp_do = einsum32("...ij,...iv->...jv", jnp.concatenate([gq, p], axis=-1), do)
+  gqp_do = mm("...ij,...iv->...jv", jnp.concatenate([gq, p], axis=-1), do)
   gq_do, p_do = gqp_do[..., :K, :], gqp_do[..., K:, :]  # [.., K, V], [.., L·C, V]
 
   d_out, dx, d_h0 = _state_cotangent_pass(d_final, p_do[..., :C, :], ke[..., :C, :], uw,
-                                          gamma_end, gq_do, parallel)
+                                          gamma_end, gq_do, parallel, mm)
   # S_C = γ_C S₀ + Σ_l (K^l ⊙ e)ᵀ Y^l.
-  d_ke = einsum32("...cv,...kv->...ck", y, d_out)  # d(K ⊙ e): [N, B, H, L·C, K]
+  d_ke = mm("...cv,...kv->...ck", y, d_out)  # d(K ⊙ e): [N, B, H, L·C, K]
   d_gamma_end = jnp.sum(states * d_out, axis=(-2, -1))  # [N, B, H]
 
   # X = U − Wk S₀, [U | Wk] = (I + A)⁻¹ [R | Bk]: d[R | Bk] = (I + A)⁻ᵀ [dX | −dX S₀ᵀ],
   # dA = −strict(d[R | Bk] [U | Wk]ᵀ).
-  d_wk = -einsum32("...cv,...kv->...ck", dx, states)
-  d_rb = einsum32("...ji,...jd->...id", inv, jnp.concatenate([dx, d_wk], axis=-1))
+  d_wk = -mm("...cv,...kv->...ck", dx, states)
+  d_rb = mm("...ji,...jd->...id", inv, jnp.concatenate([dx, d_wk], axis=-1))
   d_rhs, d_bk = d_rb[..., :V], d_rb[..., V:]
-  d_a = -einsum32("...id,...jd->...ij", d_rb, uw)  # [N, B, H, C, C]
+  d_a = -mm("...id,...jd->...ij", d_rb, uw)  # [N, B, H, C, C]
   dw = d_rhs
   if L > 1:
     # R = W¹ − Σ_{l≥2} M^l W^l; W^l (l ≥ 2) also enters Y and the state.
-    d_m = -einsum32("...iv,...jv->...ij", d_rhs, w[..., C:, :])
+    d_m = -mm("...iv,...jv->...ij", d_rhs, w[..., C:, :])
     d_a = jnp.concatenate([d_a, d_m], axis=-1)  # [N, B, H, C, L·C]
     a_rest = _strict(b1[..., None] * kk[..., C:] * decay_all[..., C:])
-    dw_rest = (p_do[..., C:, :] + einsum32("...ck,...kv->...cv", ke[..., C:, :], d_out)
-               - einsum32("...ij,...iv->...jv", a_rest, d_rhs))
+    dw_rest = (p_do[..., C:, :] + mm("...ck,...kv->...cv", ke[..., C:, :], d_out)
+               - mm("...ij,...iv->...jv", a_rest, d_rhs))
     dw = jnp.concatenate([dw, dw_rest], axis=-2)
 
   # [A | M] = strict(β¹ ⊙ (K₁ Kᵀ) ⊙ D) and P = (Q Kᵀ) ⊙ D.
@@ -285,8 +296,8 @@ def _core_bwd(parallel, res, cotangents):
   d_qk = dp * decay_all
   d_decay_all = dp * qk + _strict(d_a * b1[..., None] * kk)
   d_qkk = jnp.concatenate([d_qk, d_kk], axis=-2)  # [N, B, H, 2C, L·C]
-  dq_dk1 = einsum32("...ij,...jk->...ik", d_qkk, keys)  # [N, B, H, 2C, K]
-  d_keys = (einsum32("...ij,...ik->...jk", d_qkk, jnp.concatenate([q, k1], axis=-2))
+  dq_dk1 = mm("...ij,...jk->...ik", d_qkk, keys)  # [N, B, H, 2C, K]
+  d_keys = (mm("...ij,...ik->...jk", d_qkk, jnp.concatenate([q, k1], axis=-2))
             + _tile_writes(to_end, L)[..., None] * d_ke)
   # Bk = diag(β¹γ) K₁.
   s_bk = jnp.sum(d_bk * k1, axis=-1)  # [N, B, H, C]
@@ -326,7 +337,8 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
   # (row l·C + i is write l of position i), so each product with all keys is one matmul.
   stack = lambda x: jnp.moveaxis(_chunk_major(f32(x), C), 4, 3).reshape(N, B, H, L * C, -1)
   keys = stack(k)  # [N, B, H, L·C, K]
-  w = stack(beta[..., None] * v)  # W^l = β^l δ^l: [N, B, H, L·C, V]
+  # W^l = β^l δ^l in float32 (a bf16 product would also sum dβ over V in bf16).
+  w = stack(beta.astype(jnp.float32)[..., None] * v.astype(jnp.float32))  # [N, B, H, L·C, V]
   b1 = _chunk_major(f32(beta[..., 0]), C)  # [N, B, H, C]
 
   G = jnp.cumsum(g, axis=-1)  # [N, B, H, C]
@@ -343,6 +355,7 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
   if state_pass not in ("auto", "scan", "parallel"):
     raise ValueError(f"state_pass must be 'auto', 'scan' or 'parallel', got {state_pass!r}")
   parallel = use_parallel_pass(N) if state_pass == "auto" else state_pass == "parallel"
-  o, final = _chunk_core(parallel, q, keys, w, b1, decay, gamma, to_end, gamma[..., -1], state0)
+  precision = HIGHEST if out_dtype == jnp.float32 else DEFAULT
+  o, final = _chunk_core((parallel, precision), q, keys, w, b1, decay, gamma, to_end, gamma[..., -1], state0)
   o = jnp.moveaxis(o, (0, 3), (1, 2)).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
   return o.astype(out_dtype), (final if output_final_state else None)

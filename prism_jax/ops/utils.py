@@ -10,9 +10,9 @@ import jax.numpy as jnp
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def einsum32(spec: str, *operands: jax.Array) -> jax.Array:
-  """`jnp.einsum` at full float32 precision with a float32 result."""
-  return jnp.einsum(spec, *operands, precision=HIGHEST, preferred_element_type=jnp.float32)
+def einsum32(spec: str, *operands: jax.Array, precision=HIGHEST) -> jax.Array:
+  """`jnp.einsum` with a float32 result, at full float32 precision unless told otherwise."""
+  return jnp.einsum(spec, *operands, precision=precision, preferred_element_type=jnp.float32)
 
 
 def segment_starts(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:

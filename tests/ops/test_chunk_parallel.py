@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from prism_jax.ops import chunk_prism, naive_prism
+from prism_jax.ops import chunk_prism, naive_prism, prism_recurrence
 from prism_jax.ops.chunk import use_parallel_pass
-from prism_jax.testing import assert_close, random_prism_inputs
+from prism_jax.testing import TOLERANCES, assert_close, random_prism_inputs
 
 
 @pytest.mark.parametrize("L, T", [(1, 200), (3, 97)])
@@ -32,6 +32,29 @@ def test_parallel_pass_matches_naive(L, T):
   assert_close("final state", s_ref, s)
   for name, r, x in zip(("dq", "dk", "dv", "dbeta", "dg", "ds0"), g_ref, grads):
     assert_close(name, r, x, 1e-4)
+
+
+def test_long_bf16_matches_naive():
+  """bf16 inputs over 71 chunks: the automatic pass and product precision of the backend
+  (on GPU/TPU the parallel pass and fast float32 products) stay within the bf16 tolerance."""
+  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(8), B=1, T=4500, H=1, K=16, V=16,
+                                             L=2, dtype=jnp.bfloat16)
+
+  def loss(impl):
+    def f(q, k, v, beta, g, s0):
+      o, final = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
+                                  impl=impl)
+      return jnp.sum(jnp.sin(o.astype(jnp.float32))) + jnp.sum(final**2), (o, final)
+    return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
+
+  # The reference sees the same values in float32, so its gradients are not rounded to bf16.
+  f32 = [a.astype(jnp.float32) for a in (q, k, v, beta, g)]
+  (_, (o_ref, s_ref)), g_ref = loss("naive")(*f32, s0)
+  (_, (o, s)), grads = loss("chunk")(q, k, v, beta, g, s0)
+  assert_close("o", o_ref, o)
+  assert_close("final state", s_ref, s, TOLERANCES[jnp.dtype(jnp.bfloat16)])
+  for name, r, x in zip(("dq", "dk", "dv", "dbeta", "dg", "ds0"), g_ref, grads):
+    assert_close(name, r, x, TOLERANCES[jnp.dtype(jnp.bfloat16)])
 
 
 def test_state_pass_choice():
