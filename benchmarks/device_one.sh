@@ -27,9 +27,11 @@ job() {
       tests/kernels/test_pallas_gpu_compiled.py $extra ;;
     acceptance) python3 -m pytest -q -p no:cacheprovider -k acceptance \
       tests/kernels/test_pallas_gpu_compiled.py ;;
-    # The GPU-only paths outside the kernels (cuDNN attention, the parallel pass over chunks).
+    # The GPU-only paths outside the kernels: cuDNN attention, the parallel pass over chunks and
+# the chunked form's fast float32 products on bf16 inputs.
     gpu_tests) python3 -m pytest -q -p no:cacheprovider tests/layers/test_baselines.py \
-      tests/ops/test_chunk_parallel.py $extra ;;
+      tests/ops/test_chunk_parallel.py tests/ops/test_chunk.py $extra \
+      -k "attention or parallel or long or choice or bfloat16" ;;
     # Which (dtype, head dim, L) the compiled kernels fit in shared memory: one compile each.
     compile_matrix)
       for d in float32 bfloat16; do for D in 64 128; do for L in 1 2 3 4; do
