@@ -143,6 +143,7 @@ def test_mixture_of_memories_routes_top_k():
                                 np.repeat(np.asarray(routed)[..., None], H, -1))
 
 
+@jax.default_matmul_precision("float32")  # no TF32 on GPU, in the reference's products too
 def test_attention_matches_softmax_reference():
   """jax.nn.dot_product_attention path == an explicit masked softmax with RoPE, float64."""
   D, H, Dh, B, T = 16, 2, 8, 2, 7
@@ -157,9 +158,7 @@ def test_attention_matches_softmax_reference():
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   o = np.einsum("bhts,bshd->bthd", p, v).reshape(B, T, H * Dh)
-  with jax.default_matmul_precision("float32"):  # no TF32 on GPU: this is a float32 check
-    out = att(x)
-  assert_close("attention", o @ np.asarray(att.out.kernel[...], np.float64), out)
+  assert_close("attention", o @ np.asarray(att.out.kernel[...], np.float64), att(x))
 
 
 def test_attention_implementation_choice_and_errors():

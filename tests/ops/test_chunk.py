@@ -58,9 +58,13 @@ def test_matches_naive(impl, case):
   assert o.dtype == q.dtype and final.dtype == jnp.float32
   # Every form computes in float32 from the same (possibly bf16) inputs, so only the final cast
   # of o to bf16 separates them: the bf16 output tolerance applies to o, float32 to the state.
+  # One exception: on GPU/TPU the chunked form multiplies at the backend's fast float32 (TF32 on
+  # GPU) when the inputs are bf16, so its state is held to the bf16 tolerance there (measured
+  # on an H200: 0.7-3.6e-4); on CPU its products are exact and the float32 bound stays.
+  fast = impl == "chunk" and dtype == jnp.bfloat16 and jax.default_backend() != "cpu"
   assert_close("o", o_ref.astype(jnp.float32), o.astype(jnp.float32),
                5e-3 if dtype == jnp.bfloat16 else 2e-5)
-  assert_close("final_state", final_ref, final, 2e-5)
+  assert_close("final_state", final_ref, final, 5e-3 if fast else 2e-5)
 
 
 def _loss(impl, chunk_size=64):
