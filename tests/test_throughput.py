@@ -270,3 +270,23 @@ def test_bad_arguments():
     tp.parse_args(["--profile-case", "prism"])
   with pytest.raises(ValueError, match="no FLOP count for mixer 'la'"):
     tp.mixer_flops(_toy_config("prism", 32), "la", 32)
+
+
+def test_explicit_solver_halves_its_batch_when_the_run_runs_out_of_memory(monkeypatch):
+  """A step that compiled within the memory estimate but fails to allocate is retried at half
+  the batch (explicit solver only), and the row reports the batch that ran."""
+  real, batches = tp.time_case, []
+
+  def out_of_memory_once(case, deadline, traced):
+    batches.append(case.batch)
+    if len(batches) == 1:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB")
+    return real(case, deadline, traced)
+
+  monkeypatch.setattr(tp, "time_case", out_of_memory_once)
+  args = [a for a in ARGS]
+  args[args.index("--mixers") + 1] = "explicit"
+  result = tp.main(args[:args.index("--profile-case")] + ["--steps", "1", "--warmup", "0"])
+  assert batches == [TOKENS // 32, TOKENS // 64]
+  (row,) = result["rows"]
+  assert "error" not in row and row["batch"] == TOKENS // 64 and row["tokens_per_s"] > 0
