@@ -4,13 +4,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from host_random import prism_inputs
 from prism_jax.ops import prism_recurrence, prism_step
-from prism_jax.testing import random_prism_inputs
 
 
 @pytest.fixture(scope="module")
 def inputs():
-  return random_prism_inputs(jax.random.key(0), B=2, T=5, H=2, K=8, V=6, L=2)
+  return prism_inputs(0, B=2, T=5, H=2, K=8, V=6, L=2)
 
 
 def call(q, k, v, beta, g, s0=None, **kw):

@@ -8,17 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from host_random import normal, prism_inputs
+from quick_jit import quick_jit
 from prism_jax.ops import prism_recurrence, prism_step
-from prism_jax.testing import assert_close, random_prism_inputs
+from prism_jax.testing import assert_close
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
+@quick_jit(static_argnames=("impl", "chunk_size"))
 def run(q, k, v, beta, g, s0, segment_ids=None, *, impl, chunk_size=64):
   return prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
                           segment_ids=segment_ids, impl=impl, chunk_size=chunk_size)
 
 
-@jax.jit
+@quick_jit
 def run_steps(q, k, v, beta, g, s0):
   def body(state, xs):
     o, state = prism_step(*xs, state)
@@ -47,8 +49,8 @@ case_id = lambda c: "B{}-T{}-H{}-K{}-V{}-L{}-{}-{}".format(
 @pytest.mark.parametrize("impl", ["assoc", "chunk", "step"])
 def test_matches_naive(impl, case):
   B, T, H, K, V, L, init, dtype = case
-  key = jax.random.key(zlib.crc32(f"{impl}-{case_id(case)}".encode()))
-  q, k, v, beta, g, s0 = random_prism_inputs(key, B, T, H, K, V, L, dtype, initial_state=init)
+  seed = zlib.crc32(f"{impl}-{case_id(case)}".encode())
+  q, k, v, beta, g, s0 = prism_inputs(seed, B, T, H, K, V, L, dtype, initial_state=init)
   o_ref, final_ref = run(q, k, v, beta, g, s0, impl="naive")
   if impl == "step":
     state = jnp.zeros((B, H, K, V), jnp.float32) if s0 is None else s0
@@ -67,12 +69,13 @@ def test_matches_naive(impl, case):
   assert_close("final_state", final_ref, final, 5e-3 if fast else 2e-5)
 
 
+@functools.cache  # one compiled reference per case, whichever form it is compared with
 def _loss(impl, chunk_size=64):
   def loss(q, k, v, beta, g, s0, do, dS):
     o, final = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
                                 impl=impl, chunk_size=chunk_size)
     return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(final * dS)
-  return jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+  return quick_jit(jax.grad(loss, argnums=tuple(range(6))))
 
 
 GRAD_CASES = [(2, 63, 2, 32, 32, 2), (1, 130, 1, 48, 24, 3), (1, 40, 2, 16, 16, 1)]
@@ -82,11 +85,10 @@ GRAD_CASES = [(2, 63, 2, 32, 32, 2), (1, 130, 1, 48, 24, 3), (1, 40, 2, 16, 16, 
 @pytest.mark.parametrize("impl", ["chunk", "assoc"])
 def test_gradients_match_naive(impl, case):
   B, T, H, K, V, L = case
-  key = jax.random.key(T + 100 * L)
-  q, k, v, beta, g, s0 = random_prism_inputs(key, B, T, H, K, V, L)
-  kd, ks = jax.random.split(jax.random.fold_in(key, 1))
-  do = jax.random.normal(kd, (B, T, H, V))
-  dS = jax.random.normal(ks, (B, H, K, V))
+  seed = T + 100 * L
+  q, k, v, beta, g, s0 = prism_inputs(seed, B, T, H, K, V, L)
+  do = normal((seed, 1), (B, T, H, V))
+  dS = normal((seed, 2), (B, H, K, V))
   ref = _loss("naive")(q, k, v, beta, g, s0, do, dS)
   got = _loss(impl, chunk_size=32)(q, k, v, beta, g, s0, do, dS)
   for name, r, x in zip(("dq", "dk", "dv", "dbeta", "dg", "dinitial_state"), ref, got):
@@ -94,16 +96,18 @@ def test_gradients_match_naive(impl, case):
     assert_close(name, r, x, 1e-4)
 
 
+def time_slice(arrays, start, stop):
+  """arrays[:, start:stop], cut on the host (an eager slice of a jax array is compiled)."""
+  return tuple(np.asarray(x)[:, start:stop] for x in arrays)
+
+
 @pytest.mark.parametrize("split", [1, 64, 100, 170])
 def test_chunk_continues_from_its_final_state(split):
-  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(split), B=2, T=200, H=2, K=32, V=32,
-                                             L=2)
+  q, k, v, beta, g, s0 = prism_inputs(split, B=2, T=200, H=2, K=32, V=32, L=2)
   o_full, final_full = run(q, k, v, beta, g, s0, impl="chunk")
-  first = tuple(x[:, :split] for x in (q, k, v, beta, g))
-  rest = tuple(x[:, split:] for x in (q, k, v, beta, g))
-  o1, s1 = run(*first, s0, impl="chunk")
-  o2, s2 = run(*rest, s1, impl="chunk")
-  assert_close("o", o_full, jnp.concatenate([o1, o2], axis=1), 2e-5)
+  o1, s1 = run(*time_slice((q, k, v, beta, g), 0, split), s0, impl="chunk")
+  o2, s2 = run(*time_slice((q, k, v, beta, g), split, 200), s1, impl="chunk")
+  assert_close("o", o_full, np.concatenate([o1, o2], axis=1), 2e-5)
   assert_close("final_state", final_full, s2, 2e-5)
 
 
@@ -111,22 +115,22 @@ def test_chunk_continues_from_its_final_state(split):
 def test_packed_segments_equal_separate_runs(impl):
   lengths = [17, 64, 5, 50]  # crosses chunk boundaries of 32 and leaves a partial tail
   T = sum(lengths)
-  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(11), B=1, T=T, H=2, K=16, V=16, L=2)
-  seg = jnp.repeat(jnp.arange(len(lengths)), np.array(lengths))[None]
+  q, k, v, beta, g, s0 = prism_inputs(11, B=1, T=T, H=2, K=16, V=16, L=2)
+  seg = np.repeat(np.arange(len(lengths)), lengths)[None]
   o, final = run(q, k, v, beta, g, s0, seg, impl=impl, chunk_size=32)
   start = 0
   for i, n in enumerate(lengths):
-    part = tuple(x[:, start:start + n] for x in (q, k, v, beta, g))
+    part = time_slice((q, k, v, beta, g), start, start + n)
     # The first packed sequence continues from the initial state, later ones start from zero.
-    init = s0 if i == 0 else jnp.zeros_like(s0)
+    init = s0 if i == 0 else np.zeros_like(s0)
     o_i, final_i = run(*part, init, impl="naive")
-    assert_close(f"o[segment {i}]", o_i, o[:, start:start + n], 2e-5)
+    assert_close(f"o[segment {i}]", o_i, np.asarray(o)[:, start:start + n], 2e-5)
     start += n
   assert_close("final_state", final_i, final, 2e-5)
 
 
 def test_packed_segment_gradients_match_naive():
-  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(12), B=2, T=70, H=1, K=16, V=16, L=2)
+  q, k, v, beta, g, s0 = prism_inputs(12, B=2, T=70, H=1, K=16, V=16, L=2)
   seg = jnp.array([[0] * 20 + [1] * 50, [0] * 33 + [1] * 30 + [2] * 7])
 
   def loss(impl):
@@ -134,7 +138,7 @@ def test_packed_segment_gradients_match_naive():
       o, final = prism_recurrence(*args, initial_state=s0, output_final_state=True,
                                   segment_ids=seg, impl=impl, chunk_size=16)
       return jnp.sum(jnp.sin(o)) + jnp.sum(final**2)
-    return jax.jit(jax.grad(f, argnums=tuple(range(5))))
+    return quick_jit(jax.grad(f, argnums=tuple(range(5))))
 
   for name, r, x in zip(("dq", "dk", "dv", "dbeta", "dg"), loss("naive")(q, k, v, beta, g),
                         loss("chunk")(q, k, v, beta, g)):
@@ -144,11 +148,10 @@ def test_packed_segment_gradients_match_naive():
 def test_chunk_gradients_from_one_output_match_naive():
   # The hand-written backward gets a zero cotangent for whichever result the loss ignores;
   # with segment restarts and a partial last chunk. One vjp serves both cases.
-  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(21), B=1, T=45, H=2, K=16, V=24, L=2)
+  q, k, v, beta, g, s0 = prism_inputs(21, B=1, T=45, H=2, K=16, V=24, L=2)
   seg = jnp.array([[0] * 10 + [1] * 35])
-  kd, ks = jax.random.split(jax.random.key(22))
-  do = jax.random.normal(kd, (1, 45, 2, 24))
-  dS = jax.random.normal(ks, (1, 2, 16, 24))
+  do = normal(22, (1, 45, 2, 24))
+  dS = normal(23, (1, 2, 16, 24))
 
   def grads(impl):
     def f(*args):
@@ -156,7 +159,7 @@ def test_chunk_gradients_from_one_output_match_naive():
           *a[:5], initial_state=a[5], output_final_state=True, segment_ids=seg, impl=impl,
           chunk_size=16), *args)
       return vjp((do, jnp.zeros_like(dS))), vjp((jnp.zeros_like(do), dS))
-    return jax.jit(f)(q, k, v, beta, g, s0)
+    return quick_jit(f)(q, k, v, beta, g, s0)
 
   names = ("dq", "dk", "dv", "dbeta", "dg", "dinitial_state")
   for case, ref, got in zip(("output only", "final state only"), grads("naive"), grads("chunk")):
@@ -166,17 +169,17 @@ def test_chunk_gradients_from_one_output_match_naive():
 
 def test_chunk_under_vmap_matches_naive():
   # A leading vmapped axis (e.g. over layers or ensembles) through the custom backward.
-  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(23), B=3, T=40, H=2, K=16, V=16, L=2)
+  q, k, v, beta, g, s0 = prism_inputs(23, B=3, T=40, H=2, K=16, V=16, L=2)
   add_axis = lambda x: x.reshape(3, 1, *x.shape[1:])
   args = tuple(add_axis(x) for x in (q, k, v, beta, g, s0))
-  kd = jax.random.key(24)
+  do = normal(24, (1, 40, 2, 16))  # one cotangent of o for every vmapped problem
 
   def loss(impl):
     def f(*a):
       o, final = prism_recurrence(*a[:5], initial_state=a[5], output_final_state=True,
                                   impl=impl, chunk_size=16)
-      return jnp.sum(o * jax.random.normal(kd, o.shape)) + jnp.sum(final**2)
-    return jax.jit(jax.vmap(jax.value_and_grad(f, argnums=tuple(range(6)))))
+      return jnp.sum(o * do) + jnp.sum(final**2)
+    return quick_jit(jax.vmap(jax.value_and_grad(f, argnums=tuple(range(6)))))
 
   (l_ref, g_ref), (l_chk, g_chk) = loss("naive")(*args), loss("chunk")(*args)
   assert_close("loss", l_ref, l_chk, 2e-5)

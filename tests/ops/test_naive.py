@@ -1,12 +1,15 @@
 """The sequential reference against an independent float64 loop written here."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from host_random import prism_inputs
 from prism_jax.ops import naive_prism
-from prism_jax.testing import assert_close, random_prism_inputs
+from prism_jax.testing import assert_close
+from quick_jit import quick_jit
+
+naive = quick_jit(naive_prism, static_argnames=("output_final_state",))
 
 
 def float64_loop(q, k, v, beta, g, s0, segment_ids=None):
@@ -37,19 +40,18 @@ def float64_loop(q, k, v, beta, g, s0, segment_ids=None):
     (40, 3, 16, 16, 2, True),
 ], ids=lambda x: str(x))
 def test_naive_matches_float64_loop(T, H, K, V, L, init):
-  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(T * 7 + L), B=2, T=T, H=H, K=K, V=V,
-                                             L=L, initial_state=init)
-  o, final = naive_prism(q, k, v, beta, g, initial_state=s0, output_final_state=True)
+  q, k, v, beta, g, s0 = prism_inputs(T * 7 + L, B=2, T=T, H=H, K=K, V=V, L=L,
+                                      initial_state=init)
+  o, final = naive(q, k, v, beta, g, initial_state=s0, output_final_state=True)
   o_ref, final_ref = float64_loop(q, k, v, beta, g, s0)
   assert_close("o", o_ref, o, 2e-6)
   assert_close("final_state", final_ref, final, 2e-6)
 
 
 def test_naive_segments_match_float64_loop():
-  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(5), B=2, T=30, H=2, K=8, V=8, L=2)
+  q, k, v, beta, g, s0 = prism_inputs(5, B=2, T=30, H=2, K=8, V=8, L=2)
   seg = jnp.array([[0] * 10 + [1] * 5 + [2] * 15, [3] * 30])
-  o, final = naive_prism(q, k, v, beta, g, initial_state=s0, output_final_state=True,
-                         segment_ids=seg)
+  o, final = naive(q, k, v, beta, g, initial_state=s0, output_final_state=True, segment_ids=seg)
   o_ref, final_ref = float64_loop(q, k, v, beta, g, s0, np.asarray(seg))
   assert_close("o", o_ref, o, 2e-6)
   assert_close("final_state", final_ref, final, 2e-6)
