@@ -276,11 +276,15 @@ def device_name() -> str:
 
 
 def provenance(argv: list[str], elapsed_s: float, script: str = "probing") -> dict:
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "unknown"
+  """Command, commit, device and date of a run. PRISM_COMMIT, when set, names the commit (a
+  copy of the tree whose .git lags behind it, as on a remote machine, cannot tell)."""
+  commit = os.environ.get("PRISM_COMMIT") or subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+  commit = commit or "unknown"
   # The code that ran differs from the commit when the runner or the package has edits.
-  edited = subprocess.run(["git", "status", "--porcelain", "--", "prism_jax",
-                           f"benchmarks/{script}.py"], capture_output=True, text=True).stdout
+  edited = "" if os.environ.get("PRISM_COMMIT") else subprocess.run(
+      ["git", "status", "--porcelain", "--", "prism_jax", f"benchmarks/{script}.py"],
+      capture_output=True, text=True).stdout
   if edited.strip():
     commit += " with uncommitted edits"
   return {"command": f"python benchmarks/{script}.py {shlex.join(argv)}".rstrip(),

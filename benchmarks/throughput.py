@@ -361,6 +361,9 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict], profile: dict | N
 
 
 def git_commit() -> str:
+  """The checkout's commit (+dirty); PRISM_COMMIT, when set, instead (see device_env.sh)."""
+  if os.environ.get("PRISM_COMMIT"):
+    return os.environ["PRISM_COMMIT"]
   here = os.path.dirname(os.path.abspath(__file__))
   try:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -445,7 +448,7 @@ def main(argv=None) -> dict:
   dev = jax.devices()[0]
   meta = {"command": "python benchmarks/throughput.py " + shlex.join(sys.argv[1:] if argv is None
                                                                      else argv),
-          "commit": os.environ.get("PRISM_COMMIT") or git_commit(),
+          "commit": git_commit(),
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
           "device": f"{dev.platform} {dev.device_kind}", "jax": jax.__version__,
           "host": platform.node(), "peak_flops": PEAK_FLOPS, "matmul_flops": MATMUL_FLOPS,
