@@ -7,10 +7,13 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from host_random import normal, prism_inputs
 from pallas_kernels import pallas_prism
 from prism_jax.ops import naive_prism
-from prism_jax.testing import assert_close, random_prism_inputs
+from prism_jax.testing import assert_close
+from quick_jit import quick_jit
 
 # (B, T, H, K, V, L, chunk, initial state, packed segments, dtype)
 CASES = [
@@ -30,16 +33,14 @@ def case_id(c) -> str:
 def random_case(case, seed):
   """Inputs, segment ids (or None) and random cotangents for o and the final state."""
   B, T, H, K, V, L, _, init, seg, dtype = case
-  key = jax.random.key(seed)
-  q, k, v, beta, g, s0 = random_prism_inputs(key, B, T, H, K, V, L, dtype, initial_state=init)
+  q, k, v, beta, g, s0 = prism_inputs(seed, B, T, H, K, V, L, dtype, initial_state=init)
   segment_ids = None
   if seg:
-    cuts = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.1, (B, T))
-    segment_ids = jnp.cumsum(cuts.astype(jnp.int32), axis=1)
+    cuts = np.random.default_rng((seed, 1)).random((B, T)) < 0.1
+    segment_ids = jnp.asarray(np.cumsum(cuts, axis=1, dtype=np.int32))
   # Rounded to the input dtype so that the kernel and the reference see the same cotangent.
-  do = jax.random.normal(jax.random.fold_in(key, 2), (B, T, H, V)).astype(dtype).astype(
-      jnp.float32)
-  ds = jax.random.normal(jax.random.fold_in(key, 3), (B, H, K, V))
+  do = normal((seed, 2), (B, T, H, V), dtype).astype(jnp.float32)
+  ds = normal((seed, 3), (B, H, K, V))
   return (q, k, v, beta, g, s0), segment_ids, do, ds
 
 
@@ -52,7 +53,7 @@ def _loss_and_grads(fn, inputs, segment_ids, do, ds):
     return fn(q, k, v, beta, g, initial_state=s0 if with_state else None,
               output_final_state=True, segment_ids=segment_ids)
 
-  @jax.jit
+  @quick_jit
   def forward_and_vjp(*args):
     (o, final), vjp = jax.vjp(run, *args)
     return o, final, vjp((do.astype(o.dtype), ds))

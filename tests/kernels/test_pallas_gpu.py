@@ -5,10 +5,11 @@ import warnings
 import jax
 import pytest
 
+from host_random import prism_inputs
 from kernel_checks import CASES, case_id, check_against_naive
 from pallas_kernels import pallas_prism, unsupported_reason
 from prism_jax.ops import chunk_prism
-from prism_jax.testing import assert_close, random_prism_inputs
+from prism_jax.testing import assert_close
 
 INTERPRET = True
 
@@ -23,7 +24,7 @@ def test_jax_backward_matches_naive():
 
 
 def test_unsupported_shape_falls_back_with_one_warning():
-  q, k, v, beta, g, _ = random_prism_inputs(jax.random.key(4), 1, 9, 1, 16, 16, 5)
+  q, k, v, beta, g, _ = prism_inputs(4, 1, 9, 1, 16, 16, 5)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     o, _ = pallas_prism(q, k, v, beta, g, chunk_size=16, interpret=INTERPRET)
@@ -47,6 +48,6 @@ def test_compiled_gpu_limits_name_the_reason():
 
 
 def test_rejects_unknown_backward():
-  q, k, v, beta, g, _ = random_prism_inputs(jax.random.key(5), 1, 4, 1, 16, 16, 1)
+  q, k, v, beta, g, _ = prism_inputs(5, 1, 4, 1, 16, 16, 1)
   with pytest.raises(ValueError, match="backward"):
     pallas_prism(q, k, v, beta, g, backward="autodiff")
