@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from quick_jit import QUICK_BUILD
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A one-layer PRISM LM small enough to compile and step quickly on CPU.
@@ -27,6 +29,9 @@ def env_for(jax_cache: str, devices: int = 1) -> dict:
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
+  # These runs are tiny models for a few steps: building the programs is most of their time,
+  # and unoptimised machine code builds in about half of it (tests/quick_jit.py).
+  flags += [f"--{name}={str(value).lower()}" for name, value in QUICK_BUILD.items()]
   if devices > 1:
     flags.append(f"--xla_force_host_platform_device_count={devices}")
   env["XLA_FLAGS"] = " ".join(flags)
