@@ -1,11 +1,13 @@
 """Every notebook under notebooks/ runs top to bottom (its own asserts included) on a CPU."""
 
+import os
 import pathlib
 import time
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from quick_jit import QUICK_BUILD
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
@@ -15,7 +17,11 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
+  # The kernel inherits the environment: the notebooks compare forms on small arrays, so
+  # building their programs is most of the time (tests/quick_jit.py).
+  flags = [f"--{name}={str(value).lower()}" for name, value in QUICK_BUILD.items()]
+  monkeypatch.setenv("XLA_FLAGS", " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip())
   nb = nbformat.read(path, as_version=4)
   start = time.perf_counter()
   # An error in any cell raises CellExecutionError with the cell's traceback.
