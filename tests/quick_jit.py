@@ -14,6 +14,9 @@ import functools
 import jax
 
 QUICK_BUILD = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# The same options as XLA_FLAGS, for the tests that run a program in a subprocess.
+QUICK_BUILD_FLAGS = " ".join(f"--{name}={str(value).lower()}"
+                             for name, value in QUICK_BUILD.items())
 
 
 def quick_jit(fun=None, **kwargs):

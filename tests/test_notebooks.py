@@ -7,7 +7,7 @@ import time
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from quick_jit import QUICK_BUILD
+from quick_jit import QUICK_BUILD_FLAGS
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
@@ -20,8 +20,7 @@ def test_there_are_notebooks():
 def test_notebook_runs(path, monkeypatch):
   # The kernel inherits the environment: the notebooks compare forms on small arrays, so
   # building their programs is most of the time (tests/quick_jit.py).
-  flags = [f"--{name}={str(value).lower()}" for name, value in QUICK_BUILD.items()]
-  monkeypatch.setenv("XLA_FLAGS", " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip())
+  monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {QUICK_BUILD_FLAGS}".strip())
   nb = nbformat.read(path, as_version=4)
   start = time.perf_counter()
   # An error in any cell raises CellExecutionError with the cell's traceback.

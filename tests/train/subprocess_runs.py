@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from quick_jit import QUICK_BUILD
+from quick_jit import QUICK_BUILD_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +31,7 @@ def env_for(jax_cache: str, devices: int = 1) -> dict:
            if not f.startswith("--xla_force_host_platform_device_count")]
   # These runs are tiny models for a few steps: building the programs is most of their time,
   # and unoptimised machine code builds in about half of it (tests/quick_jit.py).
-  flags += [f"--{name}={str(value).lower()}" for name, value in QUICK_BUILD.items()]
+  flags += QUICK_BUILD_FLAGS.split()
   if devices > 1:
     flags.append(f"--xla_force_host_platform_device_count={devices}")
   env["XLA_FLAGS"] = " ".join(flags)
