@@ -26,3 +26,12 @@ def quick_jit(fun=None, **kwargs):
     return functools.partial(quick_jit, **kwargs)
   options = QUICK_BUILD if jax.default_backend() == "cpu" else None
   return jax.jit(fun, compiler_options=options, **kwargs)
+
+
+def quick_init(make, seed=0):
+  """make(nnx.Rngs(seed)) (a module), its variables drawn in one quick_jit program: eager, every
+  initialiser compiles on its own (5 s for a PrismMixer, 2 s as one program)."""
+  from flax import nnx
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(seed))))
+  state = quick_jit(lambda: nnx.split(make(nnx.Rngs(seed)))[1])()
+  return nnx.merge(graphdef, state)
