@@ -9,7 +9,9 @@ from flax import nnx
 
 from prism_jax.layers import (CausalSelfAttention, MixtureOfMemories, chunk_diag_decay,
                               diag_decay_step, explicit_solver_scan, naive_diag_decay, rope)
+from host_random import normal
 from prism_jax.testing import assert_close
+from quick_jit import quick_init, quick_jit
 
 
 def explicit_loop(q, k, v, eta, g, steps, s0):
@@ -31,20 +33,25 @@ def explicit_loop(q, k, v, eta, g, steps, s0):
   return o, S
 
 
-def random_terms(key, B=2, T=9, H=2, K=6, V=5):
-  ks = jax.random.split(key, 6)
-  unit = lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True)
-  return (jax.random.normal(ks[0], (B, T, H, K)), unit(jax.random.normal(ks[1], (B, T, H, K))),
-          jax.random.normal(ks[2], (B, T, H, V)),
-          jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H))),
-          jax.nn.log_sigmoid(2.0 + jax.random.normal(ks[4], (B, T, H))),
-          jax.random.normal(ks[5], (B, H, K, V)))
+def random_terms(seed, B=2, T=9, H=2, K=6, V=5):
+  """q, unit k, v, η = σ(N(0, 1)), g = log σ(2 + N(0, 1)), s0, drawn on the host."""
+  draw = lambda i, *shape: np.asarray(normal((seed, i), shape))
+  k = draw(1, B, T, H, K)
+  return (draw(0, B, T, H, K), k / np.linalg.norm(k, axis=-1, keepdims=True), draw(2, B, T, H, V),
+          1 / (1 + np.exp(-draw(3, B, T, H))), -np.logaddexp(0, -(2.0 + draw(4, B, T, H))),
+          draw(5, B, H, K, V))
+
+
+def diag_terms(seed, B, T, H, K, V):
+  """q, k, v and the per-channel log-decay g = log σ(2 + N(0, 1)) of the GLA recurrence."""
+  q, k, v, z = (np.asarray(normal((seed, i), (B, T, H, d))) for i, d in enumerate((K, K, V, K)))
+  return q, k, v, -np.logaddexp(0, -(2.0 + z))
 
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_explicit_solver_matches_python_loop(steps):
-  q, k, v, eta, g, s0 = random_terms(jax.random.key(steps))
-  run = jax.jit(lambda *a: explicit_solver_scan(*a[:5], steps=steps, initial_state=a[5]))
+  q, k, v, eta, g, s0 = random_terms(steps)
+  run = quick_jit(lambda *a: explicit_solver_scan(*a[:5], steps=steps, initial_state=a[5]))
   o, final = run(q, k, v, eta, g, s0)
   o_ref, final_ref = explicit_loop(q, k, v, eta, g, steps, s0)
   assert_close("explicit o", o_ref, o)
@@ -54,13 +61,13 @@ def test_explicit_solver_matches_python_loop(steps):
 def test_explicit_solver_is_state_dependent_and_differentiable():
   """Unlike PRISM, the write depends on the state: the same token written into two different
   states leaves different increments. Gradients through the scan are finite and non-zero."""
-  q, k, v, eta, g, s0 = random_terms(jax.random.key(5), T=1)
-  g = jnp.zeros_like(g)  # no decay: the state change is the write alone
-  write = jax.jit(lambda s: explicit_solver_scan(q, k, v, eta, g, steps=1,
+  q, k, v, eta, g, s0 = random_terms(5, T=1)
+  g = np.zeros_like(g)  # no decay: the state change is the write alone
+  write = quick_jit(lambda s: explicit_solver_scan(q, k, v, eta, g, steps=1,
                                                  initial_state=s)[1] - s)
-  assert not np.allclose(write(s0), write(jnp.zeros_like(s0)), atol=1e-4)
-  q, k, v, eta, g, s0 = random_terms(jax.random.key(6))
-  grads = jax.jit(jax.grad(lambda *a: jnp.sum(explicit_solver_scan(*a[:5], steps=2,
+  assert not np.allclose(write(s0), write(np.zeros_like(s0)), atol=1e-4)
+  q, k, v, eta, g, s0 = random_terms(6)
+  grads = quick_jit(jax.grad(lambda *a: jnp.sum(explicit_solver_scan(*a[:5], steps=2,
                                                                    initial_state=a[5])[0] ** 2),
                            argnums=tuple(range(6))))(q, k, v, eta, g, s0)
   for name, gr in zip("q k v eta g s0".split(), grads):
@@ -82,18 +89,16 @@ def test_diag_decay_forms_agree(T=29, chunk=8):
   """Chunked and scanned forms of the GLA recurrence against a float64 loop, with packed
   sequences and an initial state; gradients of the two JAX forms agree."""
   B, H, K, V = 2, 2, 6, 5
-  ks = jax.random.split(jax.random.key(T), 5)
-  q, k, v = (jax.random.normal(ks[i], (B, T, H, d)) for i, d in enumerate((K, K, V)))
-  g = jax.nn.log_sigmoid(2.0 + jax.random.normal(ks[3], (B, T, H, K)))
-  s0 = jax.random.normal(ks[4], (B, H, K, V))
+  q, k, v, g = diag_terms(T, B, T, H, K, V)
+  s0 = normal((T, 4), (B, H, K, V))
   seg = jnp.asarray(np.stack([np.arange(T) // 11, np.arange(T) // 5]), jnp.int32)
   starts = np.concatenate([np.zeros((B, 1), bool), np.diff(np.asarray(seg), axis=1) != 0], 1)
   o_ref, s_ref = diag_loop(q, k, v, g, s0, starts)
-  chunked = jax.jit(lambda *a: chunk_diag_decay(*a[:4], initial_state=a[4], segment_ids=seg,
-                                                chunk_size=chunk))
-  scanned = jax.jit(lambda *a: naive_diag_decay(*a[:4], initial_state=a[4], segment_ids=seg))
+  chunked = lambda *a: chunk_diag_decay(*a[:4], initial_state=a[4], segment_ids=seg,
+                                        chunk_size=chunk)
+  scanned = lambda *a: naive_diag_decay(*a[:4], initial_state=a[4], segment_ids=seg)
   for name, fn in (("chunk", chunked), ("naive", scanned)):
-    o, final = fn(q, k, v, g, s0)
+    o, final = quick_jit(fn)(q, k, v, g, s0)
     assert_close(f"{name} o", o_ref, o)
     assert_close(f"{name} final", s_ref, final)
 
@@ -101,7 +106,7 @@ def test_diag_decay_forms_agree(T=29, chunk=8):
     def value(*args):
       o, final = fn(*args)
       return jnp.sum(o * jnp.cos(o)) + jnp.sum(final**2)
-    return jax.jit(jax.grad(value, argnums=tuple(range(5))))
+    return quick_jit(jax.grad(value, argnums=tuple(range(5))))
 
   g_chunk, g_naive = loss(chunked)(q, k, v, g, s0), loss(scanned)(q, k, v, g, s0)
   for name, a, b in zip("q k v g s0".split(), g_chunk, g_naive):
@@ -112,13 +117,11 @@ def test_diag_decay_step_continues_the_sequence():
   """Step-by-step decoding from the chunked form's final state == the chunked form over the
   whole sequence (no segments)."""
   B, T, H, K, V = 1, 12, 2, 6, 5
-  ks = jax.random.split(jax.random.key(7), 4)
-  q, k, v = (jax.random.normal(ks[i], (B, T, H, d)) for i, d in enumerate((K, K, V)))
-  g = jax.nn.log_sigmoid(2.0 + jax.random.normal(ks[3], (B, T, H, K)))
-  chunked = jax.jit(lambda *a: chunk_diag_decay(*a, chunk_size=4))
+  q, k, v, g = diag_terms(7, B, T, H, K, V)
+  chunked = quick_jit(lambda *a: chunk_diag_decay(*a, chunk_size=4))
   o_all, final_all = chunked(q, k, v, g)
   _, state = chunked(q[:, :9], k[:, :9], v[:, :9], g[:, :9])
-  step = jax.jit(diag_decay_step, static_argnums=5)
+  step = quick_jit(diag_decay_step, static_argnums=5)
   for t in range(9, T):
     o_t, state = step(q[:, t], k[:, t], v[:, t], g[:, t], state, K**-0.5)
     assert_close(f"step {t}", o_all[:, t], o_t)
@@ -129,14 +132,15 @@ def test_mixture_of_memories_routes_top_k():
   """Each token goes to exactly top_k memories with softmax weights summing to one, and a
   memory that is not routed keeps its state unchanged through that token."""
   D, H, K, M = 16, 2, 8, 4
-  mom = MixtureOfMemories(D, H, K, num_memories=M, top_k=2, gate_rank=4, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (3, D))
+  mom = quick_init(lambda rngs: MixtureOfMemories(D, H, K, num_memories=M, top_k=2, gate_rank=4,
+                                                 rngs=rngs))
+  x = normal(1, (3, D))
   weights, routed = nnx.jit(lambda m, x: m.route(m.anchor(x[:, None])[0][:, 0]))(mom, x)
   assert np.all(np.sum(np.asarray(routed), -1) == 2)
   np.testing.assert_allclose(np.sum(np.asarray(weights), -1), 1.0, rtol=1e-6)
   assert np.all((np.asarray(weights) > 0) == np.asarray(routed))
   cache = mom.init_cache(3)
-  cache["state"] = jax.random.normal(jax.random.key(2), cache["state"].shape)
+  cache["state"] = normal(2, cache["state"].shape)
   _, new = nnx.jit(lambda m, x, c: m.step(x, c))(mom, x, cache)
   changed = np.any(np.asarray(new["state"] != cache["state"]), axis=(-1, -2))  # [B, M·H]
   np.testing.assert_array_equal(changed.reshape(3, M, H),
@@ -197,7 +201,7 @@ def test_cudnn_attention_matches_xla():
 
 def test_rope_rotates_pairs_and_is_relative():
   """RoPE keeps norms and makes q·k depend only on the position difference."""
-  x = jax.random.normal(jax.random.key(4), (1, 2, 1, 8))
+  x = normal(4, (1, 2, 1, 8))
   pos = lambda a, b: jnp.asarray([[a, b]])
   r1, r2 = rope(x, pos(3, 7)), rope(x, pos(10, 14))
   np.testing.assert_allclose(jnp.linalg.norm(r1, axis=-1), jnp.linalg.norm(x, axis=-1),
