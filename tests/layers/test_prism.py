@@ -9,7 +9,9 @@ from flax import nnx
 from scipy.special import erf
 
 from prism_jax.layers import GatedDeltaNet, PrismMixer
+from host_random import normal
 from prism_jax.testing import assert_close
+from quick_jit import quick_jit
 
 D, H, K, B, T = 32, 2, 16, 2, 19
 
@@ -97,7 +99,8 @@ def spec_reference(m, x):
 
 
 def forward(m, x):
-  return nnx.jit(lambda m, x: m(x))(m, x)
+  graphdef, state = nnx.split(m)
+  return quick_jit(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -108,7 +111,7 @@ def test_matches_spec_reference(kwargs):
   # The sequential impl keeps compile time low; chunk == naive is tested in tests/ops and
   # the chunked mixer == its decode steps in test_mixers.
   m = PrismMixer(D, H, K, impl="naive", rngs=nnx.Rngs(0), **kwargs)
-  x = jax.random.normal(jax.random.key(1), (B, T, D))
+  x = normal(1, (B, T, D))
   assert_close("mixer vs spec §3 loop", spec_reference(m, x), forward(m, x), tol=1e-5)
 
 
@@ -121,7 +124,7 @@ def test_gated_delta_net_is_prism_with_one_step_and_no_solver():
   paths = lambda m: [p for p, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))]
   assert paths(prism) == paths(gdn)
   assert prism.gain_proj is None and prism.u_proj is None and prism.k_rest_proj is None
-  x = jax.random.normal(jax.random.key(2), (B, T, D))
+  x = normal(2, (B, T, D))
   before = forward(gdn, x)
   nnx.update(gdn, nnx.state(prism, nnx.Param))
   y_gdn, y_prism = forward(gdn, x), forward(prism, x)
@@ -146,7 +149,7 @@ def write_matrix_ranks(m, x):
 def test_solver_steps_one_writes_rank_one():
   """L = 1 (ablation "w/o iterative refinement"): each token writes a rank-1 update; with
   L = 3 the write B_t has rank 3."""
-  x = jax.random.normal(jax.random.key(3), (B, T, D))
+  x = normal(3, (B, T, D))
   one = PrismMixer(D, H, K, solver_steps=1, rngs=nnx.Rngs(0))
   three = PrismMixer(D, H, K, solver_steps=3, rngs=nnx.Rngs(0))
   assert one.k_rest_proj is None
@@ -159,26 +162,26 @@ def test_without_nonlinearity_the_solver_is_linear():
   so δ is linear in the residual; with GELU it is not, on the same weights."""
   linear = PrismMixer(D, H, K, solver_steps=2, use_nonlinearity=False, rngs=nnx.Rngs(0))
   gelu_m = PrismMixer(D, H, K, solver_steps=2, rngs=nnx.Rngs(0))
-  r = jax.random.normal(jax.random.key(4), (B, T, H, K))
-  p = jax.random.normal(jax.random.key(5), (B, T, H, 2, K))
+  r = normal(4, (B, T, H, K))
+  p = normal(5, (B, T, H, 2, K))
   d = linear.solve(r, p)
   expected = jnp.stack([p[..., 0, :] * r, p[..., 1, :] * (r - p[..., 0, :] * r)], -2)
   assert_close("linear solver", expected, d)
   assert_close("homogeneous", 2 * d, linear.solve(2 * r, p))
-  r2 = jax.random.normal(jax.random.key(9), r.shape)
+  r2 = normal(9, r.shape)
   assert_close("additive", d + linear.solve(r2, p), linear.solve(r + r2, p))
   d_gelu = gelu_m.solve(r, p)
   assert_close("gelu solver first step", jax.nn.gelu(p[..., 0, :] * r, approximate=False),
                d_gelu[..., 0, :])
   assert not np.allclose(2 * d_gelu, gelu_m.solve(2 * r, p), atol=1e-3)
-  x = jax.random.normal(jax.random.key(6), (B, T, D))
+  x = normal(6, (B, T, D))
   assert not np.allclose(anchor_terms(linear, x)[2], anchor_terms(gelu_m, x)[2], atol=1e-3)
 
 
 def test_without_short_conv_the_anchor_sees_only_the_current_token():
   """use_short_conv=False: U_t = SiLU(x_t), no conv parameters, and ∂U_t/∂x_{t−1} = 0; with
   the conv the anchor mixes the previous w − 1 tokens."""
-  x = jax.random.normal(jax.random.key(7), (1, 6, D))
+  x = normal(7, (1, 6, D))
   plain = PrismMixer(D, H, K, use_short_conv=False, rngs=nnx.Rngs(0))
   conv = PrismMixer(D, H, K, rngs=nnx.Rngs(0))
   assert plain.conv is None and "conv" not in dict(nnx.to_flat_state(nnx.state(plain)))
@@ -192,7 +195,7 @@ def test_without_short_conv_the_anchor_sees_only_the_current_token():
 
 def test_without_gain_the_solver_uses_unit_gain():
   """use_gain=False (p^l = 1): no gain parameters and δ¹ = GELU(v − u), δ² = GELU(r²)."""
-  x = jax.random.normal(jax.random.key(8), (B, T, D))
+  x = normal(8, (B, T, D))
   plain = PrismMixer(D, H, K, solver_steps=2, use_gain=False, rngs=nnx.Rngs(0))
   gained = PrismMixer(D, H, K, solver_steps=2, rngs=nnx.Rngs(0))
   assert plain.gain_proj is None and gained.gain_proj is not None
