@@ -10,7 +10,9 @@ from flax import nnx
 from prism_jax.layers import CausalSelfAttention, GatedDeltaNet, PrismMixer
 from prism_jax.models import CausalLM, ModelConfig, generate
 from prism_jax.models.lm import _sample
+from host_random import normal
 from prism_jax.testing import assert_close
+from quick_jit import quick_jit
 
 VOCAB, B, T = 61, 2, 16
 CFG = ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=3, num_heads=2, head_dim=16,
@@ -22,13 +24,13 @@ CFG = ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=3, num_heads=2, head_
 def lm():
   model = CausalLM(CFG, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda st, tokens, seg: nnx.merge(graphdef, st)(tokens, seg))
+  forward = quick_jit(lambda st, tokens, seg: nnx.merge(graphdef, st)(tokens, seg))
   return model, lambda tokens, seg=None: forward(
       state, tokens, jnp.zeros(tokens.shape, jnp.int32) if seg is None else seg)
 
 
 def tokens(seed, length=T):
-  return jax.random.randint(jax.random.key(seed), (B, length), 0, VOCAB, jnp.int32)
+  return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (B, length), np.int32))
 
 
 def test_layers_follow_the_mixer_pattern(lm):
@@ -49,7 +51,7 @@ def test_decode_steps_equal_the_parallel_form(lm):
   assert logits.shape == (B, T, VOCAB) and logits.dtype == jnp.float32
   graphdef, state = nnx.split(model)
 
-  @jax.jit
+  @quick_jit
   def decode(state, x):
     m = nnx.merge(graphdef, state)
     first, cache = m.prefill(x[:, :5], m.init_cache(B, T))
@@ -80,17 +82,17 @@ def test_generate_equals_greedy_argmax_of_full_forwards(lm):
 def test_sampling_respects_temperature_and_top_k():
   """top_k = 1 is greedy at any temperature; top_k = 3 only ever draws the three largest
   logits; temperature → small concentrates the draws on the argmax."""
-  logits = jax.random.normal(jax.random.key(8), (4, VOCAB)) * 2.0
+  logits = 2.0 * np.asarray(normal(8, (4, VOCAB)))
   greedy = jnp.argmax(logits, -1)
-  sample = jax.jit(_sample, static_argnums=(2, 3))
+  sample = quick_jit(_sample, static_argnums=(2, 3))
   keys = jax.random.split(jax.random.key(9), 200)
   np.testing.assert_array_equal(sample(logits, keys[0], 0.0, None), greedy)
   np.testing.assert_array_equal(sample(logits, keys[0], 1.5, 1), greedy)
-  draws = np.asarray(jax.vmap(lambda k: _sample(logits, k, 1.0, 3))(keys))  # [200, 4]
+  draws = np.asarray(quick_jit(jax.vmap(lambda k: _sample(logits, k, 1.0, 3)))(keys))  # [200, 4]
   top3 = np.argsort(-np.asarray(logits), -1)[:, :3]
   assert all(set(draws[:, b]) <= set(top3[b]) for b in range(4))
   assert all(len(set(draws[:, b])) > 1 for b in range(4))  # it does sample
-  cold = np.asarray(jax.vmap(lambda k: _sample(logits, k, 1e-3, None))(keys))
+  cold = np.asarray(quick_jit(jax.vmap(lambda k: _sample(logits, k, 1e-3, None)))(keys))
   np.testing.assert_array_equal(cold, np.broadcast_to(greedy, cold.shape))
 
 
@@ -137,7 +139,7 @@ def test_untied_head_adds_a_vocab_projection():
   untied = CausalLM(ModelConfig(**{**CFG.__dict__, "tie_embeddings": False}), rngs=nnx.Rngs(0))
   count = lambda m: sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
   assert count(untied) - count(tied) == CFG.d_model * VOCAB
-  h = jax.random.normal(jax.random.key(7), (3, CFG.d_model))
+  h = normal(7, (3, CFG.d_model))
   assert_close("tied head", h @ tied.embed.embedding[...].T, tied.logits(h))
   assert_close("untied head", h @ untied.head.kernel[...], untied.logits(h))
 
