@@ -11,6 +11,7 @@ from flax import nnx
 
 from prism_jax.train import optim
 from prism_jax.train.step import init_state, make_train_step
+from quick_jit import quick_jit
 from toy import ToyLM
 
 OPTIM = dict(lr=1e-2, warmup_steps=3, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
@@ -47,7 +48,7 @@ def test_accumulation_equals_full_batch():
   batches = [_batch(rng) for _ in range(3)]
   states = {}
   for accum in (1, 4):
-    step = jax.jit(make_train_step(loss_sum, tx, accum))
+    step = quick_jit(make_train_step(loss_sum, tx, accum))
     state = init_state(params, tx, 0)
     losses = []
     for b in batches:
@@ -64,14 +65,14 @@ def test_accumulation_equals_full_batch():
 def test_update_is_adamw_with_clipping():
   params, loss_sum, tx, _ = _setup()
   batch = _batch(np.random.default_rng(1))
-  step = jax.jit(make_train_step(loss_sum, tx, 1))
+  step = quick_jit(make_train_step(loss_sum, tx, 1))
   state = init_state(params, tx, 0)
   lrs = [1e-2, 5e-3]
   expected = jax.tree.map(np.asarray, params)
   mask = optim.decay_mask(params)
   m = jax.tree.map(np.zeros_like, expected)
   v = jax.tree.map(np.zeros_like, expected)
-  grad = jax.jit(jax.grad(lambda p: loss_sum(p, batch, None)[0] / loss_sum(p, batch, None)[1]))
+  grad = quick_jit(jax.grad(lambda p: loss_sum(p, batch, None)[0] / loss_sum(p, batch, None)[1]))
   for t, lr in enumerate(lrs, start=1):
     g = jax.tree.map(np.asarray, grad(jax.tree.map(jnp.asarray, expected)))
     norm = np.sqrt(sum((x.astype(np.float64) ** 2).sum() for x in jax.tree.leaves(g)))
@@ -90,7 +91,7 @@ def test_update_is_adamw_with_clipping():
 def test_poisoned_step_is_skipped_and_counted():
   params, loss_sum, tx, _ = _setup()
   rng = np.random.default_rng(2)
-  step = jax.jit(make_train_step(loss_sum, tx, 2))
+  step = quick_jit(make_train_step(loss_sum, tx, 2))
   state = init_state(params, tx, 0)
   state, _ = step(state, _batch(rng), jnp.float32(1e-2), jnp.asarray(False))
   before = jax.tree.map(np.asarray, state)
