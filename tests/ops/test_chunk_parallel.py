@@ -7,13 +7,14 @@ import pytest
 
 from prism_jax.ops import chunk_prism, naive_prism, prism_recurrence
 from prism_jax.ops.chunk import use_parallel_pass
-from prism_jax.testing import TOLERANCES, assert_close, random_prism_inputs
+from host_random import prism_inputs
+from prism_jax.testing import TOLERANCES, assert_close
+from quick_jit import quick_jit
 
 
 @pytest.mark.parametrize("L, T", [(1, 200), (3, 97)])
 def test_parallel_pass_matches_naive(L, T):
-  key = jax.random.key(100 + L)
-  q, k, v, beta, g, s0 = random_prism_inputs(key, B=2, T=T, H=2, K=16, V=12, L=L)
+  q, k, v, beta, g, s0 = prism_inputs(100 + L, B=2, T=T, H=2, K=16, V=12, L=L)
   # Two restarts in row 0, none in row 1; chunks of 16 give 13 and 7 of them (not powers of 2).
   seg = jnp.stack([jnp.cumsum((jnp.arange(T) == 30) | (jnp.arange(T) == 81)),
                    jnp.zeros(T, jnp.int32)])
@@ -23,7 +24,7 @@ def test_parallel_pass_matches_naive(L, T):
       o, final = fn(q, k, v, beta, g, initial_state=s0, output_final_state=True,
                     segment_ids=seg, **kw)
       return jnp.sum(jnp.sin(o)) + jnp.sum(jnp.cos(final)), (o, final)
-    return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
+    return quick_jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
 
   (_, (o_ref, s_ref)), g_ref = loss(naive_prism)(q, k, v, beta, g, s0)
   (_, (o, s)), grads = loss(chunk_prism, chunk_size=16, state_pass="parallel")(
@@ -37,15 +38,15 @@ def test_parallel_pass_matches_naive(L, T):
 def test_long_bf16_matches_naive():
   """bf16 inputs over 71 chunks: the automatic pass and product precision of the backend
   (on GPU/TPU the parallel pass and fast float32 products) stay within the bf16 tolerance."""
-  q, k, v, beta, g, s0 = random_prism_inputs(jax.random.key(8), B=1, T=4500, H=1, K=16, V=16,
-                                             L=2, dtype=jnp.bfloat16)
+  q, k, v, beta, g, s0 = prism_inputs(8, B=1, T=4500, H=1, K=16, V=16, L=2,
+                                      dtype=jnp.bfloat16)
 
   def loss(impl):
     def f(q, k, v, beta, g, s0):
       o, final = prism_recurrence(q, k, v, beta, g, initial_state=s0, output_final_state=True,
                                   impl=impl)
       return jnp.sum(jnp.sin(o.astype(jnp.float32))) + jnp.sum(final**2), (o, final)
-    return jax.jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
+    return quick_jit(jax.value_and_grad(f, argnums=tuple(range(6)), has_aux=True))
 
   # The reference sees the same values in float32, so its gradients are not rounded to bf16.
   f32 = [a.astype(jnp.float32) for a in (q, k, v, beta, g)]
@@ -58,7 +59,7 @@ def test_long_bf16_matches_naive():
 
 
 def test_state_pass_choice():
-  q, k, v, beta, g, _ = random_prism_inputs(jax.random.key(7), B=1, T=16, H=1, K=8, V=8, L=1)
+  q, k, v, beta, g, _ = prism_inputs(7, B=1, T=16, H=1, K=8, V=8, L=1)
   with pytest.raises(ValueError, match="state_pass must be"):
     chunk_prism(q, k, v, beta, g, chunk_size=16, state_pass="tree")
   assert use_parallel_pass(10_000) == (jax.default_backend() != "cpu")
