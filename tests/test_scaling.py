@@ -15,14 +15,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tra
 from subprocess_runs import REPO, env_for  # noqa: E402
 
 
-def test_scaling_losses_match_one_device_and_checkpoint_moves(tmp_path):
+def test_scaling_losses_match_one_device_and_checkpoint_moves(tmp_path, jax_cache):
   out = tmp_path / "scaling.json"
   cmd = [sys.executable, os.path.join(REPO, "benchmarks", "scaling.py"), "--presets", "tiny",
          "--meshes", "2x2x2", "--weak", "2", "--compile-workers", "1", "--warmup", "1",
          "--timed", "3", "--check-steps", "4", "--json", str(out),
          "--markdown", str(tmp_path / "scaling.md")]
   proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=900,
-                        env=env_for(str(tmp_path / "xla_cache"), devices=8))
+                        env=env_for(jax_cache, devices=8))
   assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
   report = json.loads(out.read_text())
   rows = {(r["mesh"], r["kind"]): r for r in report["rows"]}

@@ -1,17 +1,9 @@
-"""Fixtures of the train.py subprocess tests.
-
-All subprocesses of one pytest run share a persistent XLA compilation cache, so only the
-first run of a configuration pays for compilation.
-"""
+"""Fixtures of the train.py subprocess tests (their XLA cache, jax_cache, is in
+tests/conftest.py)."""
 
 import os
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def jax_cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("xla_cache"))
 
 
 @pytest.fixture(scope="session")
