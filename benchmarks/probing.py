@@ -37,7 +37,6 @@ import os
 import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 
@@ -49,6 +48,7 @@ from flax import nnx
 
 from prism_jax.data import synthetic
 from prism_jax.models import CausalLM, ModelConfig
+from throughput import git_state  # benchmarks/ is on the path: script dir or the caller's
 
 # Paper Table 4 (Transformer / LA / MoM / PRISM), restated in spec §7.
 PAPER = {
@@ -276,16 +276,10 @@ def device_name() -> str:
 
 
 def provenance(argv: list[str], elapsed_s: float, script: str = "probing") -> dict:
-  """Command, commit, device and date of a run. PRISM_COMMIT, when set, names the commit (a
-  copy of the tree whose .git lags behind it, as on a remote machine, cannot tell)."""
-  commit = os.environ.get("PRISM_COMMIT") or subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-  commit = commit or "unknown"
-  # The code that ran differs from the commit when the runner or the package has edits.
-  edited = "" if os.environ.get("PRISM_COMMIT") else subprocess.run(
-      ["git", "status", "--porcelain", "--", "prism_jax", f"benchmarks/{script}.py"],
-      capture_output=True, text=True).stdout
-  if edited.strip():
+  """Command, commit, device and date of a run (the commit as `throughput.git_state` reads
+  it; the code that ran differs from it when the runner or the package has edits)."""
+  commit, edited = git_state("prism_jax", f"benchmarks/{script}.py")
+  if edited:
     commit += " with uncommitted edits"
   return {"command": f"python benchmarks/{script}.py {shlex.join(argv)}".rstrip(),
           "commit": commit, "device": device_name(),

@@ -236,10 +236,16 @@ def fit_to_memory(case: Case, overrides: dict, dtype: str, max_len: int, pool, i
   while (limit and case.memory and case.batch > 1
          and case.memory["total_bytes"] > share * limit):
     need = case.memory["total_bytes"] / 2**30
-    case.batch //= 2
-    print(f"# {need:.0f} GiB > {share:.0%} of {limit / 2**30:.0f} GiB: {case.name} (halved)",
-          flush=True)
-    compile_case(case, lower_case(case, overrides, dtype, max_len, pool, inits))
+    halve_batch(case, f"{need:.0f} GiB > {share:.0%} of {limit / 2**30:.0f} GiB", overrides,
+                dtype, max_len, pool, inits)
+
+
+def halve_batch(case: Case, why: str, overrides: dict, dtype: str, max_len: int, pool,
+                inits: dict) -> None:
+  """Halve the batch of `case` and rebuild its step (its init program is already in `inits`)."""
+  case.batch //= 2
+  print(f"# {why}: {case.name} (halved)", flush=True)
+  compile_case(case, lower_case(case, overrides, dtype, max_len, pool, inits))
 
 
 def device_peak_bytes() -> int | None:
@@ -360,21 +366,29 @@ def markdown(meta: dict, rows: list[dict], ratios: list[dict], profile: dict | N
   return "\n".join(lines) + "\n"
 
 
-def git_commit() -> str:
-  """The checkout's commit (+dirty); PRISM_COMMIT, when set, instead (see device_env.sh)."""
+def git_state(*paths: str) -> tuple[str, bool]:
+  """(short commit of the checkout, whether tracked files under `paths` — all when none — have
+  uncommitted edits). PRISM_COMMIT, when set, names the commit instead, with no edits (a copy
+  of the tree whose .git lags behind it, as on a remote machine, cannot tell; device_env.sh)."""
   if os.environ.get("PRISM_COMMIT"):
-    return os.environ["PRISM_COMMIT"]
-  here = os.path.dirname(os.path.abspath(__file__))
+    return os.environ["PRISM_COMMIT"], False
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True, cwd=here, timeout=10)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, cwd=here, timeout=10)
+                         text=True, cwd=repo, timeout=10)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                            *paths], capture_output=True, text=True, cwd=repo, timeout=10)
   except (OSError, subprocess.SubprocessError):
-    return "unknown"
+    return "unknown", False
   if out.returncode:
-    return "unknown"
-  return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    return "unknown", False
+  return out.stdout.strip(), bool(dirty.stdout.strip())
+
+
+def git_commit() -> str:
+  """The checkout's commit, "+dirty" when it has uncommitted edits."""
+  commit, dirty = git_state()
+  return commit + ("+dirty" if dirty else "")
 
 
 def int_list(text: str) -> list[int]:
@@ -505,9 +519,8 @@ def main(argv=None) -> dict:
           # of earlier cases): the explicit solver then retries at half the batch.
           if (case.mixer == "explicit" and case.batch > 1 and "RESOURCE_EXHAUSTED" in str(e)
               and time.perf_counter() < deadline):
-            case.batch //= 2
-            print(f"# out of memory at run time: {case.name} (halved)", flush=True)
-            compile_case(case, lower_case(case, overrides, args.dtype, max_len, pool, inits))
+            halve_batch(case, "out of memory at run time", overrides, args.dtype, max_len,
+                        pool, inits)
             continue
         break
       if traced and "error" not in row and "profile_error" not in row:

@@ -72,7 +72,10 @@ class CausalSelfAttention(nnx.Module):
     return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
 
   def _attend(self, q, k, v, mask, x):
-    o = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+    """Attention with `mask`, or cuDNN's causal flash attention where mask is None."""
+    kw = (dict(mask=mask) if mask is not None
+          else dict(is_causal=True, implementation="cudnn"))
+    o = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), **kw)
     return self.out(o.reshape(*o.shape[:2], -1)).astype(x.dtype)
 
   def _fused(self, q: jax.Array, segment_ids: jax.Array | None) -> bool:
@@ -88,14 +91,12 @@ class CausalSelfAttention(nnx.Module):
     check_segment_ids(segment_ids, x)
     B, T, _ = x.shape
     q, k, v = self._qkv(x, jnp.broadcast_to(jnp.arange(T), (B, T)))
-    if self._fused(q, segment_ids):
-      if segment_ids is not None:
-        raise ValueError("CausalSelfAttention: implementation='cudnn' takes no segment_ids "
-                         "(its mask is causal only); use 'xla' or 'auto' for packed sequences")
-      o = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True,
-                                       implementation="cudnn")
-      return self.out(o.reshape(B, T, -1)).astype(x.dtype)
-    return self._attend(q, k, v, same_segment_mask(segment_ids, B, T), x)
+    if not self._fused(q, segment_ids):
+      return self._attend(q, k, v, same_segment_mask(segment_ids, B, T), x)
+    if segment_ids is not None:
+      raise ValueError("CausalSelfAttention: implementation='cudnn' takes no segment_ids "
+                       "(its mask is causal only); use 'xla' or 'auto' for packed sequences")
+    return self._attend(q, k, v, None, x)
 
   def init_cache(self, batch_size: int, max_len: int | None = None) -> dict:
     """Empty KV cache of `max_len` positions (default: the module's max_len)."""

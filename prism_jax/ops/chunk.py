@@ -15,13 +15,15 @@ and, given the state S₀ entering the chunk, X = U − Wk S₀ ("new values") a
     S_C  = γ_C S₀ + (K₁ ⊙ e)ᵀ X + Σ_{l≥2} (K^l ⊙ e)ᵀ W^l.
 
 Only the pass over chunks (X and S_C from S₀: two C×K by K×V sized products per chunk) is
-sequential, or a parallel prefix over the chunks' affine maps on accelerators (below). The gradient is hand-written (`jax.custom_vjp` on `_chunk_core`): a reverse pass
-over chunks carries the state cotangent, everything else is batched over chunks, and the states
-saved at chunk boundaries keep memory linear in T. Float32 inputs get every product at full
-float32 precision; bf16/fp16 inputs get the backend's default float32 matmul (TF32 tensor cores
-on GPU, bf16 passes on TPU, exact on CPU) for every product but the inverse (I + A)⁻¹ itself,
-which is always full float32; state and accumulators are float32 either way. Padding, the cumulative sum of g and the
-segment masks stay outside the custom rule, in plain JAX, and are differentiated by autodiff.
+sequential, or a parallel prefix over the chunks' affine maps on accelerators (below). The
+gradient is hand-written (`jax.custom_vjp` on `_chunk_core`): a reverse pass over chunks carries
+the state cotangent, everything else is batched over chunks, and the states saved at chunk
+boundaries keep memory linear in T. Float32 inputs get every product at full float32 precision;
+bf16/fp16 inputs get the backend's default float32 matmul (TF32 tensor cores on GPU, bf16
+passes on TPU, exact on CPU) for every product but the inverse (I + A)⁻¹ itself, which is always
+full float32; state and accumulators are float32 either way. Padding, the cumulative sum of g
+and the segment masks stay outside the custom rule, in plain JAX, and are differentiated by
+autodiff.
 Derivation: `prism_jax/ops/README.md`.
 """
 
@@ -125,6 +127,13 @@ def use_parallel_pass(num_chunks: int) -> bool:
   return jax.default_backend() != "cpu" and num_chunks >= PARALLEL_MIN_CHUNKS
 
 
+def _transition(gamma_end, left, right, mm):
+  """γ_C I − leftᵀ right [N, B, H, K, K]: a chunk's map of the state (left = K₁ ⊙ e,
+  right = Wk) or, transposed, of its cotangent (left = Wk, right = K₁ ⊙ e)."""
+  eye = jnp.eye(left.shape[-1], dtype=jnp.float32)
+  return gamma_end[..., None, None] * eye - mm("...ck,...cj->...kj", left, right)
+
+
 def _affine_prefix(m: jax.Array, c: jax.Array, x0: jax.Array, mm=einsum32) -> jax.Array:
   """x_{n+1} = m_n x_n + c_n for n = 0..N−1 in parallel: returns [x_1, …, x_N].
 
@@ -150,8 +159,7 @@ def _state_pass(h0, uw, k1e, e_rest, gamma_end, parallel=False, mm=einsum32):
   V = h0.shape[-1]
   if parallel:
     u, wk = uw[..., :V], uw[..., V:]
-    eye = jnp.eye(h0.shape[-2], dtype=jnp.float32)
-    m = gamma_end[..., None, None] * eye - mm("...ck,...cj->...kj", k1e, wk)
+    m = _transition(gamma_end, k1e, wk, mm)
     c = mm("...ck,...cv->...kv", k1e, u) + (0.0 if e_rest is None else e_rest)
     after = _affine_prefix(m, c, h0, mm)  # states leaving each chunk
     states = jnp.concatenate([h0[None], after[:-1]], axis=0)
@@ -185,8 +193,7 @@ def _state_cotangent_pass(d_final, pdo1, k1e, uw, gamma_end, gqdo, parallel=Fals
   V = d_final.shape[-1]
   if parallel:
     wk = uw[..., V:]
-    eye = jnp.eye(d_final.shape[-2], dtype=jnp.float32)
-    m_t = gamma_end[..., None, None] * eye - mm("...cj,...ck->...jk", wk, k1e)
+    m_t = _transition(gamma_end, wk, k1e, mm)
     c = gqdo - mm("...ck,...cv->...kv", wk, pdo1)
     entering = _affine_prefix(m_t[::-1], c[::-1], d_final, mm)[::-1]  # dS entering each chunk
     d_out = jnp.concatenate([entering[1:], d_final[None]], axis=0)
@@ -319,6 +326,8 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
   """Chunked form; arguments as `prism_recurrence`. Any T: the tail is padded internally
   (g = 0, β = 0, δ = 0 on padding, which leaves the state unchanged). `state_pass`: "scan"
   (sequential over chunks), "parallel" (prefix scan) or "auto" (`use_parallel_pass`)."""
+  if state_pass not in ("auto", "scan", "parallel"):
+    raise ValueError(f"state_pass must be 'auto', 'scan' or 'parallel', got {state_pass!r}")
   B, T, H, K = q.shape
   L, V = v.shape[-2], v.shape[-1]
   C = chunk_size
@@ -352,10 +361,9 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
 
   state0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
             else initial_state.astype(jnp.float32))
-  if state_pass not in ("auto", "scan", "parallel"):
-    raise ValueError(f"state_pass must be 'auto', 'scan' or 'parallel', got {state_pass!r}")
   parallel = use_parallel_pass(N) if state_pass == "auto" else state_pass == "parallel"
   precision = HIGHEST if out_dtype == jnp.float32 else DEFAULT
-  o, final = _chunk_core((parallel, precision), q, keys, w, b1, decay, gamma, to_end, gamma[..., -1], state0)
+  o, final = _chunk_core((parallel, precision), q, keys, w, b1, decay, gamma, to_end,
+                         gamma[..., -1], state0)
   o = jnp.moveaxis(o, (0, 3), (1, 2)).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
   return o.astype(out_dtype), (final if output_final_state else None)
