@@ -1,4 +1,5 @@
-# Sourced by the device scripts: environment, carried wheels, and a record of the machine.
+# Sourced by the device scripts: environment, carried wheels, a record of the machine, the jobs
+# (`job`, `run_job`) and the packing of the logs (`finish`).
 # .whl/ (ignored) holds the wheels the GPU image lacks: flash-linear-attention 0.6.0 and fla-core
 # 0.6.0 (kernel comparison) and ml_collections (configs of the training code), fetched with
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64`.
@@ -22,3 +23,60 @@ export PYTHONPATH=$PWD:$PWD/tests/kernels:${PYTHONPATH:-}
 { date -u; echo "PRISM_COMMIT=${PRISM_COMMIT:-unset}, .git HEAD $(git log -1 --format=%h 2>/dev/null)"; nvidia-smi --query-gpu=index,name,clocks.sm,memory.total \
   --format=csv; python3 -c "import jax, triton; print(jax.__version__, triton.__version__, jax.devices())"; } \
   >> "$LOG/env.txt" 2>&1
+
+# A job's extra arguments come from ARGS_<job>; a digit suffix runs a job again under another
+# name (throughput2 with ARGS_throughput2), its logs apart.
+job() {
+  local name=$1 extra=ARGS_$1; extra=${!extra:-}
+  local recsys="--data data_cache/ml-100k/u.data --steps 1000 --d-model 64 --seq-len 50"
+  case ${name%%[0-9]*} in
+    throughput) python3 benchmarks/throughput.py --time-budget 280 $extra \
+      --json "$LOG/$name.json" --markdown "$LOG/$name.md" ;;
+    probing) python3 benchmarks/probing.py --time-limit 280 $extra \
+      --json "$LOG/$name.json" --markdown "$LOG/$name.md" ;;
+    ablations) python3 benchmarks/probing.py --ablations --time-limit 280 $extra \
+      --json "$LOG/$name.json" --markdown "$LOG/$name.md" ;;
+    recsys) python3 benchmarks/recsys.py $recsys $extra --write "$LOG/$name.md" ;;
+    recsys_ablations) python3 benchmarks/recsys.py $recsys --ablations $extra \
+      --write "$LOG/$name.md" ;;
+    kernel_tests) python3 -m pytest -q -p no:cacheprovider -m "not slow" --durations=10 \
+      tests/kernels/test_pallas_gpu_compiled.py $extra ;;
+    acceptance) python3 -m pytest -q -p no:cacheprovider -k acceptance \
+      tests/kernels/test_pallas_gpu_compiled.py ;;
+    # The GPU-only paths outside the kernels: cuDNN attention, the parallel pass over chunks and
+    # the chunked form's fast float32 products on bf16 inputs.
+    gpu_tests) python3 -m pytest -q -p no:cacheprovider tests/layers/test_baselines.py \
+      tests/ops/test_chunk_parallel.py tests/ops/test_chunk.py $extra \
+      -k "attention or parallel or long or choice or bfloat16" ;;
+    # Which (dtype, head dim, L) the compiled kernels fit in shared memory: one compile each.
+    compile_matrix)
+      for d in float32 bfloat16; do for D in 64 128; do for L in 1 2 3 4; do
+        python3 -W ignore benchmarks/kernels.py --compile-check "${PRISM_GPU_BLOCKS:-64,4,2}" \
+          --dtype $d --dim $D --writes $L > "$LOG/cc_${d}_${D}_$L.txt" 2>&1 &
+      done; done; done; wait
+      grep -h '^compile' "$LOG"/cc_*.txt; rm -f "$LOG"/cc_*.txt ;;
+    stages) python3 -W ignore benchmarks/kernels.py --stages ;;
+    # Data parallel, FSDP and tensor parallel on every device of the machine.
+    scaling) python3 benchmarks/scaling.py --budget-s 220 --preset-min-s 60 --impl chunk $extra \
+      --json "$LOG/$name.json" --markdown "$LOG/$name.md" ;;
+    kernel_bench) python3 -W ignore benchmarks/kernels.py ${extra:---quick --skip-naive} \
+      --json "$LOG/$name.json" ;;
+    *) echo "unknown job $name"; return 2 ;;
+  esac
+}
+# run_job NAME: job NAME killed at LIMIT_<NAME> seconds (default 300), its output in
+# $LOG/NAME.log with its exit status last.
+run_job() {
+  local limit=LIMIT_$1
+  timeout "${!limit:-300}" bash -c "$(declare -f job); job $1" > "$LOG/$1.log" 2>&1
+  echo "[$1 rc=$?]" >> "$LOG/$1.log"
+}
+
+# The logs' tails on stdout; the logs as $OUT/results.tgz and the compile cache as jcache.tgz.
+finish() {
+  echo "end $(date -u +%T)" >> "$LOG/env.txt"
+  tail -n 30 "$LOG"/*.log
+  tar czf "$OUT/results.tgz" -C "$OUT" logs && rm -rf "$LOG"
+  tar czf "$OUT/jcache.tgz" .jcache 2>/dev/null
+  ls -la "$OUT"
+}
