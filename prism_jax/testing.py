@@ -33,23 +33,32 @@ def assert_close(name: str, ref, out, tol: float | None = None) -> None:
     raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}")
 
 
-def random_prism_inputs(key, B=2, T=37, H=2, K=32, V=32, L=2, dtype=jnp.float32,
+def random_prism_inputs(seed, B=2, T=37, H=2, K=32, V=32, L=2, dtype=jnp.float32,
                         initial_state=True, decay=(1.0, 4.0)):
   """Fresh random inputs in the ranges the layer produces.
 
   Keys are L2-normalised, gates are sigmoids, and the log-decay is log σ(x) with x drawn from
-  N(mean, 1) for mean uniform in `decay` (larger mean ⇒ slower decay).
+  N(mean, 1) for mean uniform in `decay` per head (larger mean ⇒ slower decay). `seed` is an
+  int or a JAX PRNG key (its key data seeds the draw). Drawn with numpy on the host: on the CPU,
+  jax.random compiles its generator anew for every array shape (~1 s each), more than most
+  checks take.
 
   Returns (q, k, v, beta, g, initial_state or None); the state is float32.
   """
-  ks = jax.random.split(key, 7)
-  q = jax.random.normal(ks[0], (B, T, H, K))
-  k = jax.random.normal(ks[1], (B, T, H, L, K))
-  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
-  v = jax.random.normal(ks[2], (B, T, H, L, V))
-  beta = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H, L)))
-  mean = jax.random.uniform(ks[4], (1, 1, H), minval=decay[0], maxval=decay[1])
-  g = jax.nn.log_sigmoid(mean + jax.random.normal(ks[5], (B, T, H)))
-  s0 = jax.random.normal(ks[6], (B, H, K, V)) if initial_state else None
-  cast = lambda x: x.astype(dtype)
+  if not isinstance(seed, (int, np.integer)):
+    key = jnp.asarray(seed)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+      key = jax.random.key_data(key)
+    seed = np.asarray(key).ravel().tolist()
+  rng = np.random.default_rng(seed)
+  draw = lambda *shape: rng.standard_normal(shape, np.float32)
+  q = draw(B, T, H, K)
+  k = draw(B, T, H, L, K)
+  k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+  v = draw(B, T, H, L, V)
+  beta = 1 / (1 + np.exp(-draw(B, T, H, L)))
+  mean = rng.uniform(decay[0], decay[1], (1, 1, H)).astype(np.float32)
+  g = -np.logaddexp(0, -(mean + draw(B, T, H)))                   # log σ(x)
+  s0 = jnp.asarray(draw(B, H, K, V)) if initial_state else None
+  cast = lambda x: jnp.asarray(x.astype(np.float32).astype(dtype))
   return cast(q), cast(k), cast(v), cast(beta), cast(g), s0

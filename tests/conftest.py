@@ -1,5 +1,5 @@
 """Puts tests/ on sys.path, so that a test module in any folder imports the helpers kept here
-(`from host_random import prism_inputs`); the XLA cache of the subprocess runs."""
+(`from host_random import normal`); the XLA cache of the subprocess runs."""
 
 import os
 import sys
