@@ -129,8 +129,8 @@ def preset_config(name: str, batch: int, mesh: tuple[int, int, int], impl: str =
 def default_runs(preset: str, num_devices: int, batch: int) -> list[Run]:
   """The runs in the order they are timed, most wanted first in case --budget-s cuts the list.
 
-  1 device; then 130m / tiny: DP n, weak DP n, FSDP n, DP 2 .. n/2, TP n, DP n/2 x TP 2 (and
-  2 x 2 x 2 on 8); 1b: FSDP n, DP n. n is the largest power of two <= the device count.
+  1 device; then 130m / tiny: DP n, weak DP n, FSDP n, DP 2 .. n/2, TP n, DP n/2 x TP 2 (from
+  4 devices; and 2 x 2 x 2 on 8); 1b: FSDP n, DP n. n is the largest power of two <= the device count.
   """
   n = max([1] + [s for s in (2, 4, 8) if s <= num_devices])
   runs = [Run(preset, "strong", 1, 1, 1, batch)]
@@ -141,8 +141,9 @@ def default_runs(preset: str, num_devices: int, batch: int) -> list[Run]:
   runs += [Run(preset, "strong", n, 1, 1, batch), Run(preset, "weak", n, 1, 1, batch * n),
            Run(preset, "strong", 1, n, 1, batch)]
   runs += [Run(preset, "strong", s, 1, 1, batch) for s in (2, 4) if s < n]
+  runs.append(Run(preset, "strong", 1, 1, n, batch))
   if n >= 4:
-    runs += [Run(preset, "strong", 1, 1, n, batch), Run(preset, "strong", n // 2, 1, 2, batch)]
+    runs.append(Run(preset, "strong", n // 2, 1, 2, batch))
   if n == 8:
     runs.append(Run(preset, "strong", 2, 2, 2, batch))
   return runs
