@@ -25,16 +25,15 @@ the mesh given only by (data, fsdp, tensor); n is the largest power of two <= th
     the project's Checkpointer, restored onto one device and compared bitwise; one more update
     on each mesh from it must give the same loss.
 
-The steps of a preset are lowered in the main thread (tracing holds the GIL), compiled in a
-thread pool (XLA compiles outside it), then timed one after the other with nothing else
-running. Rows print as they finish and --json / --markdown are rewritten after each row, so a
+Each run is compiled right before it is timed, one run after the other (several XLA:GPU
+compiles at once, each autotuning on the same GPU, starved one another for minutes on a 2-GPU
+H200 host), and its compiled step is dropped before the next. Rows print as they finish and --json / --markdown are rewritten after each row, so a
 run cut short keeps what it measured; --budget-s stops starting runs, --preset-min-s presets.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import datetime
 import importlib
@@ -82,8 +81,9 @@ class Run:
   tensor: int
   batch: int
   trainer: Trainer | None = None
-  future: concurrent.futures.Future | None = None
+  compiled: object = None        # the compiled train step, kept only while the run is timed
   compile_s: float = 0.0
+  peak: int | None = None        # XLA's estimate of the compiled step's bytes per device
 
   @property
   def devices(self) -> int:
@@ -188,17 +188,10 @@ def abstract_args(trainer: Trainer):
           jax.ShapeDtypeStruct((), jnp.bool_, sharding=repl))
 
 
-def _timed_compile(run: Run, lowered):
-  begin = time.perf_counter()
-  compiled = lowered.compile()
-  run.compile_s = time.perf_counter() - begin
-  return compiled
-
-
 def train(run: Run, host_state, steps: int, start: int = 0, state=None):
   """`steps` updates from `host_state` (or a device `state`); (state, losses, seconds)."""
   t = run.trainer
-  compiled = run.future.result()
+  compiled = run.compiled
   if state is None:
     state = jax.device_put(host_state, t.state_sharding)
   repl = shd.replicated(t.mesh)
@@ -346,38 +339,16 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
   print(f"{preset}: {base.trainer.num_params:,} parameters, train state {_size(unsharded)} "
         f"unsharded, {dtype} compute, impl {report.presets[preset]['impl']}", flush=True)
 
-  begin = time.perf_counter()
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.compile_workers or len(runs))
-  for run in runs:   # each compiles while the next one is traced
-    run.future = pool.submit(_timed_compile, run,
-                             run.trainer.train_step.lower(*abstract_args(run.trainer)))
-  print(f"{preset}: {len(runs)} steps lowered in {time.perf_counter() - begin:.1f} s",
-        flush=True)
   host_state = jax.device_get(base.trainer._init_state(base.trainer._init_params()))
-  for run in runs:
-    try:
-      peak = (memory_account(run.future.result()) or {}).get("total_bytes")
-    except Exception as e:   # a failed compile loses that run only
-      report.note(f"{preset} {run.label} ({run.kind}): compile failed: {_first_line(e)}")
-      run.future = None
-      continue
-    held = state_bytes(run.trainer.abstract_state)[0]
-    # Memory is known once compiled, so it is reported even if --budget-s skips the timing.
-    report.note(f"{preset} {run.label} ({run.kind}, batch {run.batch}): compiled in "
-                f"{run.compile_s:.0f} s; per device train state {_size(held)}, XLA peak "
-                f"{_size(peak)}")
-  pool.shutdown()
-  print(f"{preset}: compiled in {time.perf_counter() - begin:.1f} s", flush=True)
-
   baseline = {}   # global batch -> (tokens/s, losses) of the 1-device run
   ckpt_source = next((r for r in runs if r.fsdp == max(x.fsdp for x in runs) > 1
                       and r.kind == "strong"), None)
   steps = args.warmup + args.timed
   for run in runs:
-    if run.future is None:
-      continue
     if time.time() > deadline:
       report.note(f"{preset} {run.label} ({run.kind}): skipped, --budget-s reached")
+      continue
+    if not compile_run(run, preset, report):
       continue
     try:
       state, losses, seconds = train(run, host_state, steps)
@@ -398,17 +369,16 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
       diff = float(np.max(np.abs(np.subtract(losses[:n], ref_losses[:n]))
                           / np.abs(ref_losses[:n])))
     state_dev, _ = state_bytes(run.trainer.abstract_state)
-    peak = (memory_account(run.future.result()) or {}).get("total_bytes")
     report.add_row({
         "preset": preset, "mesh": run.label, "kind": run.kind, "devices": run.devices,
         "data": run.data, "fsdp": run.fsdp, "tensor": run.tensor, "batch": run.batch,
         "seq_len": seq_len, "tokens_per_s": round(tokens_per_s, 1),
         "efficiency": None if efficiency is None else round(efficiency, 4),
-        "step_ms": round(1e3 * step_s, 2), "state_bytes": state_dev, "peak_bytes": peak,
+        "step_ms": round(1e3 * step_s, 2), "state_bytes": state_dev, "peak_bytes": run.peak,
         "compile_s": round(run.compile_s, 1),
         "losses": [round(x, 6) for x in losses], "loss_rel_diff": diff,
         "loss_ok": None if diff is None else diff <= roundoff})
-    if run is ckpt_source and preset in args.checkpoint and base.future is not None:
+    if run is ckpt_source and preset in args.checkpoint and base.compiled is not None:
       try:
         result = checkpoint_check(run, base, state, steps, roundoff)
       except Exception as e:   # reported as a failed check, the other runs still go ahead
@@ -423,6 +393,24 @@ def bench_preset(preset: str, runs: list[Run], args, report: Report, deadline: f
               f"{result['bitwise_equal']}, next loss relative diff "
               f"{result['next_loss_rel_diff']:.1e}", flush=True)
     del state
+    if run is not base:   # the 1-device step stays for the checkpoint check's next update
+      run.compiled = None
+
+
+def compile_run(run: Run, preset: str, report: Report) -> bool:
+  """Lower and compile the step of `run`, noting its time and memory; False if it failed."""
+  begin = time.perf_counter()
+  try:
+    run.compiled = run.trainer.train_step.lower(*abstract_args(run.trainer)).compile()
+  except Exception as e:   # a failed compile loses that run only
+    report.note(f"{preset} {run.label} ({run.kind}): compile failed: {_first_line(e)}")
+    return False
+  run.compile_s = time.perf_counter() - begin
+  run.peak = (memory_account(run.compiled) or {}).get("total_bytes")
+  report.note(f"{preset} {run.label} ({run.kind}, batch {run.batch}): compiled in "
+              f"{run.compile_s:.0f} s; per device train state "
+              f"{_size(state_bytes(run.trainer.abstract_state)[0])}, XLA peak {_size(run.peak)}")
+  return True
 
 
 def main(argv: list[str]) -> int:
@@ -443,8 +431,6 @@ def main(argv: list[str]) -> int:
                       help="start no further run after this many seconds")
   parser.add_argument("--preset-min-s", type=float, default=100.0,
                       help="start a preset only if this many seconds of the budget remain")
-  parser.add_argument("--compile-workers", type=int, default=0,
-                      help="steps compiled at once (default: all of a preset)")
   parser.add_argument("--commit", default="", help="commit to report (default: git HEAD)")
   parser.add_argument("--json", default="")
   parser.add_argument("--markdown", default="")

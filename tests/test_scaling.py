@@ -18,7 +18,7 @@ from subprocess_runs import REPO, env_for  # noqa: E402
 def test_scaling_losses_match_one_device_and_checkpoint_moves(tmp_path, jax_cache):
   out = tmp_path / "scaling.json"
   cmd = [sys.executable, os.path.join(REPO, "benchmarks", "scaling.py"), "--presets", "tiny",
-         "--meshes", "2x2x2", "--weak", "2", "--compile-workers", "1", "--warmup", "1",
+         "--meshes", "2x2x2", "--weak", "2", "--warmup", "1",
          "--timed", "3", "--check-steps", "4", "--json", str(out),
          "--markdown", str(tmp_path / "scaling.md")]
   proc = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, timeout=900,
