@@ -90,8 +90,16 @@ def test_balance_and_positions(task):
   if task in negative:
     # Binary outcomes are balanced, so a constant guess scores about 1/2.
     assert abs(np.mean(answers == negative[task]) - 0.5) < 0.05
+  tokens = b["tokens"]
+  if task in S.LOCAL_TASKS:
+    # The block touches the query: every operand within the ShortConv window of the answer,
+    # noise everywhere before it.
+    block = S.pattern_length(task) - 1
+    assert (tokens[:, :T - 1 - block] >= S.NOISE[0]).all()
+    assert (tokens[:, T - 1 - block:T - 1] < S.NOISE[0]).all() and (tokens[:, -1] == S.QUERY).all()
+    return
   # The first pattern token lands anywhere in the sequence, not at a fixed offset.
-  body = b["tokens"][:, :T - 2]
+  body = tokens[:, :T - 2]
   first = np.argmax(body < S.NOISE[0], axis=1)
   assert first.min() < 20 and np.percentile(first, 90) > 30 and len(np.unique(first)) > 30
 

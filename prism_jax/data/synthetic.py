@@ -1,7 +1,11 @@
 """Mechanistic probing tasks (spec §7, paper §5.5 / Alg. 2 / Table 4) as seeded generators.
 
 Every sequence is `seq_len` tokens of noise with the task's pattern blocks placed at random,
-non-overlapping positions, and a query block at the very end. The answer is predicted *at*
+non-overlapping positions, and a query block at the very end. The logic tasks (LOCAL_TASKS:
+local XOR, parity, modulo add, palindrome) are the exception, as in the paper (App. H.2,
+"Implementation Note"): their one block sits right before the query, so every operand lies
+within the ShortConv window (width 4) of the answer position; they test whether the update
+rule computes a non-linear function of nearby tokens, not long-range retrieval. The answer is predicted *at*
 the query's last token (the causal model's output there), so `targets` and `mask` mark only
 the answer position(s); everything else is unscored.
 
@@ -190,6 +194,9 @@ TASKS: dict[str, Callable[[Draws], Pattern]] = {
     "palindrome": _palindrome, "silence_gate": _silence_gate, "mux": _mux,
 }
 
+# Tasks whose block ends right before the query (module docstring).
+LOCAL_TASKS = frozenset({"local_xor", "parity", "modulo_add", "palindrome"})
+
 # Accuracy of guessing the most likely answer without looking (for reading the tables).
 CHANCE = {"mqar": 1 / 16, "poly_recall": 1 / 16, "var_tracking": 1 / 2, "local_xor": 1 / 2,
           "parity": 1 / 2, "modulo_add": 1 / MODULUS, "palindrome": 1 / 2,
@@ -214,7 +221,8 @@ def _sequence(task: str, u: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Arr
 
   Noise everywhere, then the blocks (in a random order) at sorted random offsets into the
   free space of the region before the query, each shifted by the lengths of the blocks
-  before it, so they never overlap and any gap, including none, is possible.
+  before it, so they never overlap and any gap, including none, is possible. A task of
+  LOCAL_TASKS has its block at the end of the region, touching the query.
   """
   r = Draws(u[:NUM_DRAWS])
   blocks, query, answers = TASKS[task](r)                                # [N, n], [Q], [A]
@@ -223,6 +231,8 @@ def _sequence(task: str, u: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Arr
   free = region - num_blocks * block_len
   order = r.permutation(num_blocks)
   offsets = jnp.sort(r.integers(0, free + 1, num_blocks))
+  if task in LOCAL_TASKS:
+    offsets = jnp.full(num_blocks, free)
   starts = offsets + block_len * jnp.arange(num_blocks)
   positions = starts[:, None] + jnp.arange(block_len)                    # [N, n]
   noise = int(NOISE[0]) + jnp.floor(u[NUM_DRAWS:NUM_DRAWS + region] * len(NOISE))
