@@ -139,28 +139,31 @@ def _var_tracking(r: Draws) -> Pattern:
 
 def _local_xor(r: Draws) -> Pattern:
   """Local XOR. Block [a, b, XOR] with a, b ∈ 0..31. Query [QUERY]; target YES when a and
-  b differ in parity (a mod 2 ≠ b mod 2), else NO."""
+  b differ in parity (a mod 2 ≠ b mod 2), else NO. The block ends right before the query.
+  """
   a, b = r.integers(0, NUM_DATA, 2)
   return _pattern([[a, b, XOR]], [QUERY], [_yes_no(a % 2 != b % 2)])
 
 
 def _parity(r: Draws) -> Pattern:
   """N-bit parity. One contiguous block of PARITY_BITS bits [b₁, …, b_n] written as data
-  tokens 0 / 1. Query [QUERY]; target YES when Σ bᵢ is odd, else NO."""
+  tokens 0 / 1, ending right before the query [QUERY]; target YES when Σ bᵢ is odd, else NO.
+  """
   bits = r.integers(0, 2, PARITY_BITS)
   return _pattern(bits[None], [QUERY], [_yes_no(bits.sum() % 2 == 1)])
 
 
 def _modulo_add(r: Draws) -> Pattern:
   """Modular addition. Block [a, b] with a, b ∈ 0..MODULUS−1. Query [QUERY]; target the
-  data token (a + b) mod MODULUS."""
+  data token (a + b) mod MODULUS. The block ends right before the query."""
   a, b = r.integers(0, MODULUS, 2)
   return _pattern([[a, b]], [QUERY], [(a + b) % MODULUS])
 
 
 def _palindrome(r: Draws) -> Pattern:
   """First equals last of a triple. Block [a, b, c] with a, b ∈ 0..31 and c = a with
-  probability 1/2 (else a different data token). Query [QUERY]; target YES if a == c."""
+  probability 1/2 (else a different data token), ending right before the query [QUERY];
+  target YES if a == c."""
   a, b = r.integers(0, NUM_DATA, 2)
   same = r.integers(0, 2) == 1
   c = jnp.where(same, a, (a + r.integers(1, NUM_DATA)) % NUM_DATA)
