@@ -28,6 +28,7 @@ fastest of 32 / 64 / 128 (8 / 10.5 / 20 ms per step), LA / MoM's 16 of 16 / 32 /
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import functools
@@ -307,6 +308,22 @@ def replace_section(path: str, title: str, body: str) -> None:
     f.write(text)
 
 
+def parse_overrides(items: list[str]) -> dict:
+  """["d_model=64", ...] → {"d_model": 64, ...}, each name checked against ModelConfig."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  out = {}
+  for item in items:
+    name, sep, text = item.partition("=")
+    if not sep or name not in fields:
+      raise ValueError(f"--set: {item!r} is not FIELD=VALUE with FIELD a ModelConfig field "
+                       f"(e.g. d_model=64)")
+    try:
+      out[name] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[name] = text
+  return out
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10_000)
@@ -325,6 +342,9 @@ def parse_args(argv):
                       help="chunk length of the chunked recurrences (PRISM's chunk_size and "
                            "LA / MoM's gla_chunk_size); 0 keeps the probe_model_config ones")
   parser.add_argument("--segment-steps", type=int, default=ProbeSettings.segment_steps)
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a ModelConfig field of every model, e.g. --set d_model=64 "
+                           "(repeatable; VALUE is read as a Python literal, else a string)")
   parser.add_argument("--small", action="store_true",
                       help=f"the CI budget: {SMALL} (overrides those flags)")
   parser.add_argument("--eval-batches", type=int, default=ProbeSettings.eval_batches)
@@ -341,6 +361,7 @@ def parse_args(argv):
       setattr(args, key, value)
   if args.tasks is None:
     args.tasks = ABLATION_TASKS if args.ablations else list(synthetic.TASKS)
+  args.overrides = parse_overrides(args.set)
   if args.steps < 1 or args.seeds < 1:
     raise ValueError(f"--steps and --seeds must be >= 1, got {args.steps} and {args.seeds}")
   return args
@@ -355,6 +376,7 @@ def main(argv=None):
                            segment_steps=segment_length(args.steps, args.segment_steps))
   chunks = dict(chunk_size=args.chunk_size, gla_chunk_size=args.chunk_size) if args.chunk_size \
       else {}
+  chunks.update(args.overrides)
   if args.ablations:
     variants = {n: probe_model_config("prism", **chunks, **o) for n, o in ABLATIONS.items()}
     paper = None

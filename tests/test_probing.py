@@ -114,8 +114,17 @@ def test_segments_divide_the_steps():
     probing.ProbeSettings(steps=1000, segment_steps=300)
 
 
+def test_set_overrides_model_fields():
+  assert probing.parse_overrides(["d_model=64", "use_short_conv=False", "dtype=bfloat16"]) == \
+      {"d_model": 64, "use_short_conv": False, "dtype": "bfloat16"}
+  cfg = probing.probe_model_config("la", **probing.parse_overrides(["d_model=32"]))
+  assert cfg.d_model == 32 and not cfg.use_short_conv   # the baseline's own setting stays
+
+
 @pytest.mark.parametrize("argv, match", [(["--steps", "0"], "--steps"),
-                                         (["--seeds", "0"], "--seeds")])
+                                         (["--seeds", "0"], "--seeds"),
+                                         (["--set", "foo=1"], "--set"),
+                                         (["--set", "d_model"], "--set")])
 def test_bad_flags(argv, match):
   with pytest.raises(ValueError, match=match):
     probing.main(argv)
