@@ -3,7 +3,10 @@ length 128, PRISM L = 2, 10k steps, and the runner's optimiser (Adam 3e-3, 100 w
 cosine decay to 0, clipping at 1, no weight decay), so `train.py --config=configs/probe.py`
 trains the model the probing table reports on.
 
-The task generators live in prism_jax.data.synthetic (data.probe_task picks one).
+The task generators live in prism_jax.data.synthetic (data.probe_task picks one). The table's
+LA and MoM baselines run without PRISM's short convolution: with `--config.model.mixer_pattern`
+set to one of them, also pass `--config.model.use_short_conv=False` (as probing.py's
+BASELINE_OVERRIDES does).
 """
 
 from configs.base import base_config
