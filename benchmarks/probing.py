@@ -376,12 +376,12 @@ def main(argv=None):
                            segment_steps=segment_length(args.steps, args.segment_steps))
   chunks = dict(chunk_size=args.chunk_size, gla_chunk_size=args.chunk_size) if args.chunk_size \
       else {}
-  chunks.update(args.overrides)
+  overrides = {**chunks, **args.overrides}
   if args.ablations:
-    variants = {n: probe_model_config("prism", **chunks, **o) for n, o in ABLATIONS.items()}
+    variants = {n: probe_model_config("prism", **{**overrides, **o}) for n, o in ABLATIONS.items()}
     paper = None
   else:
-    variants = {m: probe_model_config(m, **chunks) for m in args.models}
+    variants = {m: probe_model_config(m, **overrides) for m in args.models}
     idx = [list(MODELS).index(m) for m in args.models]
     paper = {t: [PAPER[t][i] for i in idx] for t in args.tasks}
   seeds = range(args.first_seed, args.first_seed + args.seeds)

@@ -27,8 +27,9 @@ the mesh given only by (data, fsdp, tensor); n is the largest power of two <= th
 
 Each run is compiled right before it is timed, one run after the other (several XLA:GPU
 compiles at once, each autotuning on the same GPU, starved one another for minutes on a 2-GPU
-H200 host), and its compiled step is dropped before the next. Rows print as they finish and --json / --markdown are rewritten after each row, so a
-run cut short keeps what it measured; --budget-s stops starting runs, --preset-min-s presets.
+H200 host), and its compiled step is dropped before the next. Rows print as they finish and
+--json / --markdown are rewritten after each row, so a run cut short keeps what it measured;
+--budget-s stops starting runs, --preset-min-s presets.
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def default_runs(preset: str, num_devices: int, batch: int) -> list[Run]:
   """The runs in the order they are timed, most wanted first in case --budget-s cuts the list.
 
   1 device; then 130m / tiny: DP n, weak DP n, FSDP n, DP 2 .. n/2, TP n, DP n/2 x TP 2 (from
-  4 devices; and 2 x 2 x 2 on 8); 1b: FSDP n, DP n. n is the largest power of two <= the device count.
+  4 devices; and 2 x 2 x 2 on 8); 1b: FSDP n, DP n. n is the largest power of two <= the
+  device count.
   """
   n = max([1] + [s for s in (2, 4, 8) if s <= num_devices])
   runs = [Run(preset, "strong", 1, 1, 1, batch)]

@@ -5,9 +5,9 @@ non-overlapping positions, and a query block at the very end. The logic tasks (L
 local XOR, parity, modulo add, palindrome) are the exception, as in the paper (App. H.2,
 "Implementation Note"): their one block sits right before the query, so every operand lies
 within the ShortConv window (width 4) of the answer position; they test whether the update
-rule computes a non-linear function of nearby tokens, not long-range retrieval. The answer is predicted *at*
-the query's last token (the causal model's output there), so `targets` and `mask` mark only
-the answer position(s); everything else is unscored.
+rule computes a non-linear function of nearby tokens, not long-range retrieval. The answer is
+predicted *at* the query's last token (the causal model's output there), so `targets` and
+`mask` mark only the answer position(s); everything else is unscored.
 
 The vocabulary is split into disjoint sets (paper App. H.1), fixed for vocab_size >= 64
 (ids >= 64 are never emitted):
@@ -233,9 +233,8 @@ def _sequence(task: str, u: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Arr
   region = seq_len - query.shape[0]
   free = region - num_blocks * block_len
   order = r.permutation(num_blocks)
-  offsets = jnp.sort(r.integers(0, free + 1, num_blocks))
-  if task in LOCAL_TASKS:
-    offsets = jnp.full(num_blocks, free)
+  offsets = (jnp.full(num_blocks, free) if task in LOCAL_TASKS
+             else jnp.sort(r.integers(0, free + 1, num_blocks)))
   starts = offsets + block_len * jnp.arange(num_blocks)
   positions = starts[:, None] + jnp.arange(block_len)                    # [N, n]
   noise = int(NOISE[0]) + jnp.floor(u[NUM_DRAWS:NUM_DRAWS + region] * len(NOISE))

@@ -78,26 +78,23 @@ def _reference_in_pieces(inputs, segment_ids, do, ds):
   group = max(1, min(H, REFERENCE_STATE_BYTES // (T * K * V * 4)))
   while H % group:
     group -= 1
-  # Head axis: 2 for the per-token arrays, 1 for the states ([B, H, K, V]).
+  # Head axis of the inputs (q, k, v, beta, g, s0) and of the results (o, final state, dq, dk,
+  # dv, dbeta, dg, ds0): 2 for per-token arrays, 1 for states [B, H, K, V].
+  in_axes, out_axes = (2, 2, 2, 2, 2, 1), (2, 1, 2, 2, 2, 2, 2, 1)
   pick = lambda x, b, hs, axis: x[(slice(b, b + 1),) + (slice(None),) * (axis - 1) + (hs,)]
   rows = []
   for b in range(B):
-    parts = []
+    groups = []
     for h in range(0, H, group):
       hs = slice(h, h + group)
-      piece = tuple(None if x is None else pick(x, b, hs, 1 if i == 5 else 2)
-                    for i, x in enumerate(inputs))
+      piece = tuple(None if x is None else pick(x, b, hs, ax) for x, ax in zip(inputs, in_axes))
       seg = None if segment_ids is None else segment_ids[b:b + 1]
       o, final, grads = _loss_and_grads(naive_prism, piece, seg, pick(do, b, hs, 2),
                                         pick(ds, b, hs, 1))
-      parts.append((o, final, grads))
-    axes = (2, 1, [2, 2, 2, 2, 2, 1][:len(parts[0][2])])
-    rows.append((jnp.concatenate([p[0] for p in parts], axes[0]),
-                 jnp.concatenate([p[1] for p in parts], axes[1]),
-                 tuple(jnp.concatenate([p[2][i] for p in parts], ax)
-                       for i, ax in enumerate(axes[2]))))
-  return (jnp.concatenate([r[0] for r in rows]), jnp.concatenate([r[1] for r in rows]),
-          tuple(jnp.concatenate([r[2][i] for r in rows]) for i in range(len(rows[0][2]))))
+      groups.append((o, final, *grads))
+    rows.append([jnp.concatenate(xs, ax) for xs, ax in zip(zip(*groups), out_axes)])
+  o, final, *grads = (jnp.concatenate(xs) for xs in zip(*rows))
+  return o, final, tuple(grads)
 
 
 def check_against_naive(case, *, backend, interpret, backward="pallas", seed=0):
