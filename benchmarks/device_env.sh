@@ -55,7 +55,7 @@ job() {
           --dtype $d --dim $D --writes $L > "$LOG/cc_${d}_${D}_$L.txt" 2>&1 &
       done; done; done; wait
       grep -h '^compile' "$LOG"/cc_*.txt; rm -f "$LOG"/cc_*.txt ;;
-    stages) python3 -W ignore benchmarks/kernels.py --stages ;;
+    stages) python3 -W ignore benchmarks/kernels.py --stages $extra ;;
     # Data parallel, FSDP and tensor parallel on every device of the machine.
     scaling) python3 benchmarks/scaling.py --budget-s 220 --preset-min-s 60 --impl chunk $extra \
       --json "$LOG/$name.json" --markdown "$LOG/$name.md" ;;

@@ -223,14 +223,17 @@ def main():
   parser.add_argument("--skip-naive", action="store_true")
   parser.add_argument("--memory", action="store_true")
   parser.add_argument("--stages", action="store_true",
-                      help="time each kernel alone at the first shape, L = 1 and 2")
+                      help="time each kernel alone at the first shape (L from --writes)")
+  parser.add_argument("--tilings", default=None,
+                      help='with --stages: tilings "block_v,num_warps,num_stages;..." to time '
+                           '(default: the one the kernels use)')
   parser.add_argument("--json", default=None)
   parser.add_argument("--compile-check", default=None,
                       help='tilings to try, e.g. "64,4,2;32,4,1"; the first that compiles is '
                            'written to stdout as PRISM_GPU_BLOCKS=...')
   parser.add_argument("--dtype", default="bfloat16", help="inputs of --compile-check")
   parser.add_argument("--dim", type=int, default=128, help="K = V of --compile-check")
-  parser.add_argument("--writes", default="1,3", help="L values of --compile-check")
+  parser.add_argument("--writes", default="1,3", help="L values of --compile-check and --stages")
   a = parser.parse_args()
   if a.compile_check:
     configs = [tuple(int(x) for x in c.split(",")) for c in a.compile_check.split(";")]
@@ -244,7 +247,10 @@ def main():
     return
   if a.stages:
     from pallas_kernels.prism import gpu_block_sizes
-    stage_times(gpu_block_sizes(CHUNK, interpret=False), SHAPES[0], (1, 2))
+    tilings = ([_block_sizes(tuple(int(x) for x in c.split(","))) for c in a.tilings.split(";")]
+               if a.tilings else [gpu_block_sizes(CHUNK, interpret=False)])
+    for bs in tilings:
+      stage_times(bs, SHAPES[0], tuple(int(x) for x in a.writes.split(",")))
     return
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
   rows = []
