@@ -148,8 +148,9 @@ def peak_memory():
           "output_bytes": getattr(stats, "output_size_in_bytes", -1)}
 
 
-def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16):
-  """The five GPU kernels alone as jitted functions with concrete inputs: {name: (fn, args)}."""
+def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16, solve=None):
+  """The five GPU kernels alone as jitted functions with concrete inputs: {name: (fn, args)}.
+  solve: precision of the (I + A)⁻¹ products (default: what the kernels use for `dtype`)."""
   from prism_jax.ops import chunk_math as cm
   from pallas_kernels.gpu import kernels as gk
   from pallas_kernels.gpu.prism import grads_precision, solve_precision
@@ -161,7 +162,7 @@ def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16):
   state = jnp.zeros((B, H, D, D), jnp.float32)
   h = jnp.zeros((B, H, T // CHUNK * D, D), jnp.float32)
   grads_kw = dict(kw, precision=grads_precision(q.dtype),
-                  solve=solve_precision(dtype, interpret))
+                  solve=solve_precision(dtype, interpret) if solve is None else solve)
   return {
       "prepare": (jax.jit(lambda *a: gk.prepare(*a, solve=grads_kw["solve"], **kw)),
                   (k, v, beta, G, seq, prev)),
@@ -203,13 +204,21 @@ def compile_check(configs, writes=(1, 3), B=1, T=256, H=2, D=128, dtype=jnp.bflo
   return good
 
 
-def stage_times(bs, shape, writes):
-  """Milliseconds of each kernel alone at one shape (where the time of the Pallas path goes)."""
+SOLVES = {"tf32x3": "TF32X3", "highest": "HIGHEST", "bf16": "BF16"}
+
+
+def stage_times(bs, shape, writes, solve=None, only=None):
+  """Milliseconds of each kernel alone at one shape (where the time of the Pallas path goes).
+  solve: a SOLVES key (timing other precisions of the inverse); only: kernel names to time."""
+  from prism_jax.ops import chunk_math as cm
   B, T, H, D = shape
   for L in writes:
     row = {"shape": f"B{B} T{T} H{H} K=V={D}", "L": L,
-           "tiling": (bs.block_v, bs.num_warps, bs.num_stages)}
-    for name, (fn, args) in stage_calls(bs, B, T, H, D, L).items():
+           "tiling": (bs.block_v, bs.num_warps, bs.num_stages), "solve": solve or "default"}
+    calls = stage_calls(bs, B, T, H, D, L, solve=solve and getattr(cm, SOLVES[solve]))
+    for name, (fn, args) in calls.items():
+      if only and name not in only:
+        continue
       try:
         row[name] = median_ms(lambda: jax.block_until_ready(fn(*args)))
       except Exception as err:  # one stage failing must not hide the others
@@ -227,6 +236,9 @@ def main():
   parser.add_argument("--tilings", default=None,
                       help='with --stages: tilings "block_v,num_warps,num_stages;..." to time '
                            '(default: the one the kernels use)')
+  parser.add_argument("--solves", default=None,
+                      help=f"with --stages: precisions of the inverse to time, from {list(SOLVES)}")
+  parser.add_argument("--only", default=None, help="with --stages: kernels to time, e.g. prepare")
   parser.add_argument("--json", default=None)
   parser.add_argument("--compile-check", default=None,
                       help='tilings to try, e.g. "64,4,2;32,4,1"; the first that compiles is '
@@ -250,7 +262,9 @@ def main():
     tilings = ([_block_sizes(tuple(int(x) for x in c.split(","))) for c in a.tilings.split(";")]
                if a.tilings else [gpu_block_sizes(CHUNK, interpret=False)])
     for bs in tilings:
-      stage_times(bs, SHAPES[0], tuple(int(x) for x in a.writes.split(",")))
+      for solve in (a.solves.split(",") if a.solves else [None]):
+        stage_times(bs, SHAPES[0], tuple(int(x) for x in a.writes.split(",")), solve,
+                    a.only and a.only.split(","))
     return
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
   rows = []
