@@ -18,7 +18,8 @@ Only the pass over chunks (X and S_C from S₀: two C×K by K×V sized products 
 sequential, or a parallel prefix over the chunks' affine maps on accelerators (below). The
 gradient is hand-written (`jax.custom_vjp` on `_chunk_core`): a reverse pass over chunks carries
 the state cotangent, everything else is batched over chunks, and the states saved at chunk
-boundaries keep memory linear in T. Float32 inputs get every product at full float32 precision;
+boundaries keep memory linear in T. On CPU the sequence goes through all of this one segment of
+SEGMENT_TOKENS positions at a time (`_segmented`), which keeps the intermediates small. Float32 inputs get every product at full float32 precision;
 bf16/fp16 inputs get the backend's default float32 matmul (TF32 tensor cores on GPU, bf16
 passes on TPU, exact on CPU) for every product but the inverse (I + A)⁻¹ itself, which is always
 full float32; state and accumulators are float32 either way. Padding, the cumulative sum of g
@@ -226,7 +227,10 @@ def _chunk_core(opts, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
   return _core_fwd(opts, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0)[0]
 
 
-def _core_fwd(opts, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
+def _core_fwd(opts, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0, states=None):
+  """Forward of `_chunk_core` and its residuals. With `states` (the state entering every chunk,
+  saved by an earlier forward) the pass over chunks is skipped: X comes from one batched product
+  and the final state is not computed (None)."""
   parallel, precision = opts
   mm = functools.partial(einsum32, precision=precision)
   C, V = q.shape[-2], w.shape[-1]
@@ -245,7 +249,10 @@ def _core_fwd(opts, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
   uw = mm("...ij,...jd->...id", inv, jnp.concatenate([rhs, bk], axis=-1))  # [U | Wk]
   ke = keys * _tile_writes(to_end, L)[..., None]  # K^l ⊙ e: [N, B, H, L·C, K]
   e_rest = (mm("...ck,...cv->...kv", ke[..., C:, :], w[..., C:, :]) if L > 1 else None)
-  states, x, final = _state_pass(h0, uw, ke[..., :C, :], e_rest, gamma_end, parallel, mm)
+  if states is None:
+    states, x, final = _state_pass(h0, uw, ke[..., :C, :], e_rest, gamma_end, parallel, mm)
+  else:
+    x, final = uw[..., :V] - mm("...ck,...kv->...cv", uw[..., V:], states), None
   y = jnp.concatenate([x, w[..., C:, :]], axis=-2)  # Y: [X ; W² ; … ; W^L], [N, B, H, L·C, V]
   p = qk_kk[..., :C, :] * decay_all  # lower((Q K^lᵀ) ⊙ D): [N, B, H, C, L·C]
   # O = [γ ⊙ Q | P] [S₀ ; Y] as one product.
@@ -321,25 +328,25 @@ def _core_bwd(opts, res, cotangents):
 _chunk_core.defvjp(_core_fwd, _core_bwd)
 
 
-def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=False,
-                segment_ids=None, scale=None, chunk_size=64, state_pass="auto"):
-  """Chunked form; arguments as `prism_recurrence`. Any T: the tail is padded internally
-  (g = 0, β = 0, δ = 0 on padding, which leaves the state unchanged). `state_pass`: "scan"
-  (sequential over chunks), "parallel" (prefix scan) or "auto" (`use_parallel_pass`)."""
-  if state_pass not in ("auto", "scan", "parallel"):
-    raise ValueError(f"state_pass must be 'auto', 'scan' or 'parallel', got {state_pass!r}")
-  B, T, H, K = q.shape
-  L, V = v.shape[-2], v.shape[-1]
-  C = chunk_size
-  scale = K**-0.5 if scale is None else scale
-  out_dtype = q.dtype
-  pad = (-T) % C
-  N = (T + pad) // C
+# On CPU the cost of the chunked form is mostly memory: every buffer XLA:CPU allocates per call
+# is fresh and faults its pages in, so whole-sequence intermediates cost more than their
+# products. There the sequence is processed in segments of SEGMENT_TOKENS positions, one after
+# the other, so a segment's intermediates reuse the same memory, and the backward recomputes a
+# segment's forward from the state saved at its start (one state per segment is all it keeps).
+SEGMENT_TOKENS = 512
 
-  seq, seq_before = chunked_sequence_index(segment_ids, B, T, C)  # [B, 1, N, C], [B, 1, N]
+
+def _prepare(q, k, v, beta, g, seq, seq_before, scale, C):
+  """Chunk-major float32 inputs of `_chunk_core` from (padded) [B, T, H, ...] arrays.
+
+  seq [B, 1, N, C] / seq_before [B, 1, N]: packed-sequence index (`chunked_sequence_index`).
+  Returns (q, keys, w, b1, decay, gamma, to_end, gamma_end), shapes as in `_chunk_core`.
+  """
+  B, T, H, _ = q.shape
+  L = v.shape[-2]
+  N = T // C
   seq, seq_before = jnp.moveaxis(seq, 2, 0), jnp.moveaxis(seq_before, 2, 0)  # [N, B, 1, ...]
-
-  f32 = lambda x: _pad_time(x.astype(jnp.float32), pad)
+  f32 = lambda x: x.astype(jnp.float32)
   q = _chunk_major(f32(q), C) * scale  # [N, B, H, C, K]
   g = _chunk_major(f32(g), C)  # [N, B, H, C]
   # The L write keys/values of a chunk are stacked along the position axis, write-major
@@ -347,23 +354,136 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
   stack = lambda x: jnp.moveaxis(_chunk_major(f32(x), C), 4, 3).reshape(N, B, H, L * C, -1)
   keys = stack(k)  # [N, B, H, L·C, K]
   # W^l = β^l δ^l in float32 (a bf16 product would also sum dβ over V in bf16).
-  w = stack(beta.astype(jnp.float32)[..., None] * v.astype(jnp.float32))  # [N, B, H, L·C, V]
+  w = stack(f32(beta)[..., None] * f32(v))  # [N, B, H, L·C, V]
   b1 = _chunk_major(f32(beta[..., 0]), C)  # [N, B, H, C]
 
   G = jnp.cumsum(g, axis=-1)  # [N, B, H, C]
-  same_seq = seq[..., :, None] == seq[..., None, :]  # [B, 1, N, C, C]
+  same_seq = seq[..., :, None] == seq[..., None, :]  # [N, B, 1, C, C]
   causal = jnp.tril(jnp.ones((C, C), dtype=bool))
   # Mask the exponent before exp so no gradient ever meets exp(+large) · 0.
   diff = G[..., :, None] - G[..., None, :]
   decay = jnp.exp(jnp.where(causal & same_seq, diff, -jnp.inf))  # D: [N, B, H, C, C]
   gamma = jnp.exp(jnp.where(seq == seq_before[..., None], G, -jnp.inf))  # [N, B, H, C]
   to_end = jnp.exp(jnp.where(seq == seq[..., -1:], G[..., -1:] - G, -jnp.inf))  # [N, B, H, C]
+  return q, keys, w, b1, decay, gamma, to_end, gamma[..., -1]
 
+
+def _time_major(o):
+  """[N, B, H, C, V] → [B, N·C, H, V]."""
+  N, B, H, C, V = o.shape
+  return jnp.moveaxis(o, (0, 3), (1, 2)).reshape(B, N * C, H, V)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _segmented(static, q, k, v, beta, g, seq, seq_before, h0):
+  """The chunked form one segment of positions at a time (see SEGMENT_TOKENS).
+
+  static = (chunk, segment, scale, precision); arrays as `_prepare` takes them, T a multiple
+  of the segment. Returns (O [B, T, H, V] float32, final state [B, H, K, V]).
+  """
+  return _segmented_fwd(static, q, k, v, beta, g, seq, seq_before, h0)[0]
+
+
+def _segment(static, i, raws, seq, seq_before):
+  """Segment i: the [B, S, ...] slices of the raw inputs and the function that `_prepare`s
+  such slices (the segment's sequence indices closed over)."""
+  C, S, scale, _ = static
+  take = lambda x, axis, n: jax.lax.dynamic_slice_in_dim(x, i * n, n, axis=axis)
+  seq_i, before_i = take(seq, 2, S // C), take(seq_before, 2, S // C)
+  prepare = lambda *r: _prepare(*r, seq_i, before_i, scale, C)
+  return tuple(take(x, 1, S) for x in raws), prepare
+
+
+def _segmented_fwd(static, q, k, v, beta, g, seq, seq_before, h0):
+  C, S, _, precision = static
+  B, T, H, _ = q.shape
+  count = T // S
+  opts = (False, precision)
+
+  def body(i, carry):
+    o, starts, state = carry
+    raw, prepare = _segment(static, i, (q, k, v, beta, g), seq, seq_before)
+    (o_i, new_state), res = _core_fwd(opts, *prepare(*raw), state)
+    o = jax.lax.dynamic_update_slice_in_dim(o, _time_major(o_i), i * S, axis=1)
+    entering = res[-2]  # the state entering each of the segment's chunks
+    starts = jax.lax.dynamic_update_slice_in_dim(starts, entering, i * (S // C), axis=0)
+    return o, starts, new_state
+
+  o = jnp.zeros((B, T, H, v.shape[-1]), jnp.float32)
+  starts = jnp.zeros((T // C, *h0.shape), jnp.float32)  # the state entering every chunk
+  o, starts, final = jax.lax.fori_loop(0, count, body, (o, starts, h0))
+  return (o, final), (q, k, v, beta, g, seq, seq_before, starts)
+
+
+def _segmented_bwd(static, res, cotangents):
+  C, S, _, precision = static
+  q, k, v, beta, g, seq, seq_before, starts = res
+  do, d_final = cotangents
+  count = q.shape[1] // S
+  opts = (False, precision)
+  raws = (q, k, v, beta, g)
+
+  def body(j, carry):
+    grads, d_state = carry
+    i = count - 1 - j
+    raw, prepare = _segment(static, i, raws, seq, seq_before)
+    core, prepare_vjp = jax.vjp(prepare, *raw)
+    states = jax.lax.dynamic_slice_in_dim(starts, i * (S // C), S // C, axis=0)
+    _, res_i = _core_fwd(opts, *core, None, states=states)
+    do_i = _chunk_major(jax.lax.dynamic_slice_in_dim(do, i * S, S, axis=1), C)
+    *d_core, d_state = _core_bwd(opts, res_i, (do_i, d_state))
+    d_raw = prepare_vjp(tuple(d_core))
+    grads = tuple(jax.lax.dynamic_update_slice_in_dim(acc, d, i * S, axis=1)
+                  for acc, d in zip(grads, d_raw))
+    return grads, d_state
+
+  grads = tuple(jnp.zeros_like(x) for x in raws)
+  grads, d_h0 = jax.lax.fori_loop(0, count, body, (grads, d_final))
+  return (*grads, jnp.zeros_like(seq), jnp.zeros_like(seq_before), d_h0)
+
+
+_segmented.defvjp(_segmented_fwd, _segmented_bwd)
+
+
+def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=False,
+                segment_ids=None, scale=None, chunk_size=64, state_pass="auto",
+                segment_tokens=None):
+  """Chunked form; arguments as `prism_recurrence`. Any T: the tail is padded internally
+  (g = 0, β = 0, δ = 0 on padding, which leaves the state unchanged). `state_pass`: "scan"
+  (sequential over chunks), "parallel" (prefix scan) or "auto" (`use_parallel_pass`).
+  `segment_tokens`: with the sequential pass, the positions processed at a time (a multiple of
+  chunk_size; default SEGMENT_TOKENS on CPU, the whole sequence elsewhere)."""
+  if state_pass not in ("auto", "scan", "parallel"):
+    raise ValueError(f"state_pass must be 'auto', 'scan' or 'parallel', got {state_pass!r}")
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  C = chunk_size
+  if segment_tokens is not None and (segment_tokens <= 0 or segment_tokens % C):
+    raise ValueError(f"segment_tokens must be a positive multiple of chunk_size {C}, got "
+                     f"{segment_tokens}")
+  scale = K**-0.5 if scale is None else scale
+  out_dtype = q.dtype
+  Tc = T + (-T) % C  # padded to whole chunks
+  parallel = use_parallel_pass(Tc // C) if state_pass == "auto" else state_pass == "parallel"
+  if segment_tokens is None:
+    segment_tokens = SEGMENT_TOKENS if jax.default_backend() == "cpu" else Tc
+  segment = Tc if parallel else min(segment_tokens, Tc)
+  pad = (-T) % segment
+  Tp = T + pad
+
+  if segment_ids is not None and pad:  # padding continues the last sequence
+    segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), mode="edge")
+  # float32 so the sequence indices travel through the custom rule as ordinary arrays.
+  seq, seq_before = (x.astype(jnp.float32)
+                     for x in chunked_sequence_index(segment_ids, B, Tp, C))  # [B, 1, N, …]
+  raw = tuple(_pad_time(x, pad) for x in (q, k, v, beta, g))
   state0 = (jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None
             else initial_state.astype(jnp.float32))
-  parallel = use_parallel_pass(N) if state_pass == "auto" else state_pass == "parallel"
   precision = HIGHEST if out_dtype == jnp.float32 else DEFAULT
-  o, final = _chunk_core((parallel, precision), q, keys, w, b1, decay, gamma, to_end,
-                         gamma[..., -1], state0)
-  o = jnp.moveaxis(o, (0, 3), (1, 2)).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
-  return o.astype(out_dtype), (final if output_final_state else None)
+  if segment < Tp:
+    o, final = _segmented((C, segment, scale, precision), *raw, seq, seq_before, state0)
+  else:
+    core = _prepare(*raw, seq, seq_before, scale, C)
+    o, final = _chunk_core((parallel, precision), *core, state0)
+    o = _time_major(o)
+  return o[:, :T].astype(out_dtype), (final if output_final_state else None)
