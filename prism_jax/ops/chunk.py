@@ -20,11 +20,12 @@ gradient is hand-written (`jax.custom_vjp` on `_chunk_core`): a reverse pass ove
 the state cotangent, everything else is batched over chunks, and the states saved at chunk
 boundaries keep memory linear in T. On CPU the sequence goes through all of this one segment of
 SEGMENT_TOKENS positions at a time (`_segmented`), which keeps the intermediates small.
-Float32 inputs get every product at full float32 precision; bf16/fp16 inputs get the backend's default float32 matmul (TF32 tensor cores on GPU, bf16
-passes on TPU, exact on CPU) for every product but the inverse (I + A)⁻¹ itself, which is always
-full float32; state and accumulators are float32 either way. Padding, the cumulative sum of g
-and the segment masks stay outside the custom rule, in plain JAX, and are differentiated by
-autodiff.
+Float32 inputs get every product at full float32 precision; bf16/fp16 inputs get the backend's
+default float32 matmul (TF32 tensor cores on GPU, bf16 passes on TPU, exact on CPU) for every
+product but the inverse (I + A)⁻¹ itself, which is always full float32; state and accumulators
+are float32 either way. Padding, the cumulative sum of g and the segment masks stay outside the
+custom rule, in plain JAX, and are differentiated by autodiff (inside each segment's backward
+on CPU).
 Derivation: `prism_jax/ops/README.md`.
 """
 
