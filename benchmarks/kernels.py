@@ -173,7 +173,8 @@ def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16, 
       "state_backward": (jax.jit(lambda *a: gk.state_backward(*a, scale=0.1, **kw)),
                          (q, k, G, seq, prev, rows, do, state)),
       "grads": (jax.jit(lambda *a: gk.grads(*a, scale=0.1, **grads_kw)),
-                (q, k, v, beta, G, seq, prev, h, h, do)),
+                (q, k, v, beta, G, seq, prev, jnp.zeros((B, T, H, CHUNK), jnp.float32), rows,
+                 rows, h, h, do)),
   }
 
 

@@ -44,11 +44,11 @@ def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interp
 
 def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
   kw = dict(bs=bs, precision=cm.matmul_precision(q.dtype), interpret=interpret)
-  u, wk = kernels.prepare(k, v, beta, G, seq, prev, solve=solve_precision(q.dtype, interpret),
-                          **kw)
+  u, wk, inv = kernels.prepare(k, v, beta, G, seq, prev,
+                               solve=solve_precision(q.dtype, interpret), **kw)
   h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, **kw)
   o = kernels.output(q, k, v, beta, G, seq, prev, x, h, scale=scale, **kw)
-  return o, hT, (q, k, v, beta, G, seq, prev, wk, h)
+  return o, hT, (q, k, v, beta, G, seq, prev, inv, u, wk, h)
 
 
 def _fwd(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
@@ -57,12 +57,12 @@ def _fwd(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
 
 
 def _bwd(scale, bs, interpret, res, cotangents):
-  q, k, v, beta, G, seq, prev, wk, h = res
+  q, k, v, beta, G, seq, prev, inv, u, wk, h = res
   do, dhT = cotangents
   kw = dict(scale=scale, bs=bs, precision=cm.matmul_precision(q.dtype), interpret=interpret)
   dh, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, dhT.astype(jnp.float32), **kw)
   kw["precision"] = grads_precision(q.dtype)
-  dq, dk, dv, dbeta, dG = kernels.grads(q, k, v, beta, G, seq, prev, h, dh, do,
+  dq, dk, dv, dbeta, dG = kernels.grads(q, k, v, beta, G, seq, prev, inv, u, wk, h, dh, do,
                                         solve=solve_precision(q.dtype, interpret), **kw)
   return (dq.astype(q.dtype), jnp.stack(dk, axis=3).astype(k.dtype),
           jnp.stack(dv, axis=3).astype(v.dtype), jnp.stack(dbeta, axis=3).astype(beta.dtype),

@@ -157,6 +157,14 @@ def intra_chunk(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision,
   return Intra(inv, a_raw, tuple(m_raw), rhs, bk, u, wk)
 
 
+def intra_from_saved(k: Sequence, inv, u, wk, gates: ChunkGates, precision) -> Intra:
+  """`Intra` from the (I + A)⁻¹, U and Wk an earlier forward saved: only the raw products
+  K¹K^lᵀ ⊙ D are recomputed (rhs and bk, which the backward does not read, are None)."""
+  raw = [jnp.where(gates.strict, mm(k[0], kl, precision, tb=True) * gates.decay, 0.0)
+         for kl in k]
+  return Intra(inv, raw[0], tuple(raw[1:]), None, None, u, wk)
+
+
 def next_state(state, x, k: Sequence, w: Sequence, gates: ChunkGates, precision):
   """S' = γ_C S + (K¹ ⊙ e)ᵀ X + Σ_{l≥2} (K^l ⊙ e)ᵀ W^l; state [K, V], x and w [C, V]."""
   new = gates.gamma_last * state
@@ -194,9 +202,10 @@ class ChunkGrads(NamedTuple):
 
 
 def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,
-                gates: ChunkGates, precision, solve=HIGHEST) -> ChunkGrads:
+                gates: ChunkGates, precision, solve=HIGHEST, saved=None) -> ChunkGrads:
   """Cotangents of one chunk's inputs given its incoming state S, the cotangent dS' of its
-  outgoing state and dO, by reversing the forward formulas (recomputing U, Wk and X).
+  outgoing state and dO, by reversing the forward formulas (recomputing U, Wk and X, or with
+  `saved` = ((I + A)⁻¹, U, Wk) of the forward only X).
 
   q [C, K] scaled; k, v, beta: L arrays [C, K], [C, V], [C, 1]; state, dstate [K, V];
   do [C, V].
@@ -204,7 +213,8 @@ def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,
   L = len(k)
   w = [b * vl for b, vl in zip(beta, v)]
   b1 = beta[0]
-  intra = intra_chunk(k, w, b1, gates, precision, solve)
+  intra = (intra_chunk(k, w, b1, gates, precision, solve) if saved is None
+           else intra_from_saved(k, *saved, gates, precision))
   x = intra.u - mm(intra.wk, state, precision)
   ys = (x, *w[1:])
 

@@ -21,6 +21,8 @@ CASES = [
     (1, 37, 2, 48, 32, 2, 16, True, True, jnp.float32),
     (1, 130, 1, 32, 48, 3, 32, False, False, jnp.float32),
     (1, 37, 1, 32, 32, 2, 16, True, True, jnp.bfloat16),
+    # Chunks of 64: four sub-blocks in the GPU prepare kernel's block forward substitution.
+    (1, 150, 1, 16, 16, 2, 64, True, True, jnp.float32),
 ]
 
 
