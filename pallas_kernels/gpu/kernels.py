@@ -4,7 +4,7 @@ Arrays keep the caller's layout ([B, T, H, ...]); a BlockSpec with squeezed batc
 gives each program one head's rows. All kernels take T a multiple of the chunk C and K, V
 powers of two ≥ 16 (the public wrapper pads). Five stages, as in the chunked Gated DeltaNet:
 
-  prepare       (B·H, N, V/BV) parallel: U, Wk and (I + A)⁻¹ of every chunk
+  prepare       (B·H, N) then (B·H, N, V/BV) parallel: (I + A)⁻¹ of every chunk, then U, Wk
   state_forward (B, H, V/BV): sequential over chunks; state [K, BV] float32 in registers;
                 saves the state entering every chunk and the new values X = U − Wk S
   output        (B·H, N, V/BV) parallel: O from Q, the saved state and X
@@ -66,57 +66,56 @@ def _gates(G_ref, seq_ref, prev_ref, sl=slice(None)):
 SUB = 16  # rows of the sub-blocks the prepare kernel solves in (Triton's smallest dot)
 
 
-def _prepare_kernel(*refs, L, precision, solve):
-  """U, Wk and (I + A)⁻¹ of one chunk, in SUB × SUB blocks.
+def _inverse_kernel(k1_ref, beta1_ref, G_ref, seq_ref, inv_ref, *, precision, solve):
+  """(I + A)⁻¹ of one chunk, in SUB × SUB blocks.
 
-  A full C × C inverse by block doubling spends log₂ C levels of C³ products on blocks that
+  A whole C × C inverse by block doubling spends log₂ C levels of C³ products on blocks that
   are mostly zero; here the diagonal blocks are inverted alone (`cm.unit_lower_inverse` on
   SUB × SUB) and the others follow by block forward substitution,
   X_ij = −X_ii Σ_{j≤m<i} A_im X_mj, every product SUB × SUB × SUB.
   """
-  k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, u_ref, wk_ref, inv_ref) = (
-      cm.split_refs(refs, (L, L, L, 6)))
   n = G_ref.shape[0] // SUB
   rows = lambda i: pl.ds(i * SUB, SUB)
   f32 = lambda ref, i: ref[rows(i)].astype(jnp.float32)
   G = [f32(G_ref, i) for i in range(n)]
   seq = [f32(seq_ref, i) for i in range(n)]
-  prev = [f32(prev_ref, i) for i in range(n)]
   below = (jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
            > jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1))
+  k = [k1_ref[rows(i), :] for i in range(n)]  # input dtype (exact bf16 products)
+  b1 = [f32(beta1_ref, i)[:, None] for i in range(n)]
 
-  def decay(i, j):
-    """D of block (i, j) on the strict same-sequence mask (0 elsewhere)."""
+  def a(i, j):
+    """Block (i, j) of A = strict(β¹ K¹K¹ᵀ ⊙ D)."""
     mask = seq[i][:, None] == seq[j][None, :]
     if i == j:
       mask = mask & below
-    return jnp.exp(jnp.where(mask, G[i][:, None] - G[j][None, :], -jnp.inf))
+    decay = jnp.exp(jnp.where(mask, G[i][:, None] - G[j][None, :], -jnp.inf))
+    return b1[i] * cm.mm(k[i], k[j], precision, tb=True) * decay
 
-  k = [[r[rows(i), :] for i in range(n)] for r in k_refs]  # input dtype (exact bf16 products)
-  beta = [[f32(r, i)[:, None] for i in range(n)] for r in beta_refs]
-  w = [[beta[l][i] * v_refs[l][rows(i), :].astype(jnp.float32) for i in range(n)]
-       for l in range(L)]
-  d = {(i, j): decay(i, j) for i in range(n) for j in range(i + 1)}
-  raw = lambda l, i, j: beta[0][i] * cm.mm(k[0][i], k[l][j], precision, tb=True) * d[i, j]
-  a = {(i, j): raw(0, i, j) for i in range(n) for j in range(i + 1)}
-
+  blocks = {(i, j): a(i, j) for i in range(n) for j in range(i + 1)}
   inv = {}
   for i in range(n):
-    inv[i, i] = cm.unit_lower_inverse(a[i, i], solve)
+    inv[i, i] = cm.unit_lower_inverse(blocks[i, i], solve)
     for j in range(i - 1, -1, -1):
-      acc = sum(cm.mm(a[i, m], inv[m, j], solve) for m in range(j, i))
+      acc = sum(cm.mm(blocks[i, m], inv[m, j], solve) for m in range(j, i))
       inv[i, j] = -cm.mm(inv[i, i], acc, solve)
-  # Row blocks of R = W¹ − Σ_{l≥2} M^l W^l and of Bk = β¹γ ⊙ K¹.
-  rhs = [w[0][i] - sum(cm.mm(raw(l, i, j), w[l][j], precision)
-                       for l in range(1, L) for j in range(i + 1)) for i in range(n)]
-  gamma = [jnp.exp(jnp.where(seq[i] == prev[i], G[i], -jnp.inf))[:, None] for i in range(n)]
-  bk = [(beta[0][i] * gamma[i]) * k[0][i].astype(jnp.float32) for i in range(n)]
   zero = jnp.zeros((SUB, SUB), jnp.float32)
   for i in range(n):
-    u_ref[rows(i), :] = sum(cm.mm(inv[i, j], rhs[j], solve) for j in range(i + 1))
-    wk_ref[rows(i), :] = sum(cm.mm(inv[i, j], bk[j], solve) for j in range(i + 1))
     for j in range(n):
       inv_ref[rows(i), pl.ds(j * SUB, SUB)] = inv[i, j] if j <= i else zero
+
+
+def _apply_kernel(*refs, L, precision, solve):
+  """U = (I + A)⁻¹ R and Wk = (I + A)⁻¹ Bk of one chunk and value block."""
+  k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, inv_ref, u_ref, wk_ref) = (
+      cm.split_refs(refs, (L, L, L, 6)))
+  gates = _gates(G_ref, seq_ref, prev_ref)
+  k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ stays a bf16 product for bf16
+  w = [_col(b[...]) * r[...].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
+  rhs, _, bk = cm.right_hand_sides(k, w, _col(beta_refs[0][...]), gates, precision)
+  inv = inv_ref[...]
+  u_ref[...] = cm.mm(inv, rhs, solve)
+  wk_ref[...] = cm.mm(inv, bk, solve)
 
 
 def _state_forward_kernel(*refs, L, C, precision):
@@ -222,23 +221,35 @@ def _block_v(bs: BlockSizes, V: int) -> int:
 
 def prepare(k, v, beta, G, seq, prev, *, bs: BlockSizes, precision, interpret,
             solve=cm.HIGHEST):
-  """U [B,T,H,V], Wk [B,T,H,K] and the rows of every chunk's (I + A)⁻¹ [B,T,H,C] (float32).
-  Each value block recomputes the (I + A)⁻¹ of its chunk and writes the same Wk and inverse.
-  solve: precision of the (I + A)⁻¹ products."""
+  """U [B,T,H,V], Wk [B,T,H,K] and the rows of every chunk's (I + A)⁻¹ [B,T,H,C] (float32):
+  the inverse once per chunk (grid (B·H, N)), then its products per value block (every value
+  block writes the same Wk). solve: precision of the (I + A)⁻¹ products."""
   B, T, H, L, K = k.shape
   V, C = v.shape[-1], bs.chunk
   BV = _block_v(bs, V)
+  at = lambda f: (lambda bh, n: f(bh // H, bh % H, n))
+  inv = pl.pallas_call(
+      functools.partial(_inverse_kernel, precision=precision, solve=solve),
+      grid=(B * H, T // C),
+      in_specs=[pl.BlockSpec((None, C, None, None, K), at(lambda b, h, n: (b, n, h, 0, 0))),
+                pl.BlockSpec((None, C, None, None), at(lambda b, h, n: (b, n, h, 0))),
+                pl.BlockSpec((None, C, None), at(lambda b, h, n: (b, n, h))),
+                pl.BlockSpec((None, C), at(lambda b, h, n: (b, n)))],
+      out_specs=pl.BlockSpec((None, C, None, C), at(lambda b, h, n: (b, n, h, 0))),
+      out_shape=jax.ShapeDtypeStruct((B, T, H, C), jnp.float32),
+      compiler_params=_params(bs), interpret=interpret, name="prism_inverse",
+  )(k, beta, G, seq)
   s = _chunk_specs(L, C, K, BV, H)
-  return pl.pallas_call(
-      functools.partial(_prepare_kernel, L=L, precision=precision, solve=solve),
+  u, wk = pl.pallas_call(
+      functools.partial(_apply_kernel, L=L, precision=precision, solve=solve),
       grid=(B * H, T // C, V // BV),
-      in_specs=[*s["k"], *s["v"], *s["beta"], s["G"], s["seq"], s["seq"]],
-      out_specs=[s["rows_v"], s["rows_k"], s["rows_c"]],
+      in_specs=[*s["k"], *s["v"], *s["beta"], s["G"], s["seq"], s["seq"], s["rows_c"]],
+      out_specs=[s["rows_v"], s["rows_k"]],
       out_shape=[jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
-                 jax.ShapeDtypeStruct((B, T, H, K), jnp.float32),
-                 jax.ShapeDtypeStruct((B, T, H, C), jnp.float32)],
-      compiler_params=_params(bs), interpret=interpret, name="prism_prepare",
-  )(*([k] * L), *([v] * L), *([beta] * L), G, seq, prev)
+                 jax.ShapeDtypeStruct((B, T, H, K), jnp.float32)],
+      compiler_params=_params(bs), interpret=interpret, name="prism_apply_inverse",
+  )(*([k] * L), *([v] * L), *([beta] * L), G, seq, prev, inv)
+  return u, wk, inv
 
 
 def _seq_specs(L, T, K, BV):

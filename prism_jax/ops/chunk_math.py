@@ -145,16 +145,22 @@ def intra_chunk(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision,
   solve: precision of the (I + A)⁻¹ products (float32-accurate: HIGHEST or TF32X3)."""
   a_raw = jnp.where(gates.strict, mm(k[0], k[0], precision, tb=True) * gates.decay, 0.0)
   inv = unit_lower_inverse(b1 * a_raw, solve)
+  rhs, m_raw, bk = right_hand_sides(k, w, b1, gates, precision)
+  u = mm(inv, rhs, solve)
+  wk = mm(inv, bk, solve)
+  return Intra(inv, a_raw, m_raw, rhs, bk, u, wk)
+
+
+def right_hand_sides(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision):
+  """What (I + A)⁻¹ is applied to: R = W¹ − Σ_{l≥2} M^l W^l and Bk = β¹γ ⊙ K¹; also the raw
+  strict((K¹K^lᵀ) ⊙ D) of l ≥ 2. Returns (R [C, V], raw M tuple, Bk [C, K])."""
   rhs = w[0]
   m_raw = []
   for kl, wl in zip(k[1:], w[1:]):
     m = jnp.where(gates.strict, mm(k[0], kl, precision, tb=True) * gates.decay, 0.0)
     m_raw.append(m)
     rhs = rhs - mm(b1 * m, wl, precision)
-  bk = (b1 * gates.gamma) * k[0]
-  u = mm(inv, rhs, solve)
-  wk = mm(inv, bk, solve)
-  return Intra(inv, a_raw, tuple(m_raw), rhs, bk, u, wk)
+  return rhs, tuple(m_raw), (b1 * gates.gamma) * k[0]
 
 
 def intra_from_saved(k: Sequence, inv, u, wk, gates: ChunkGates, precision) -> Intra:
