@@ -8,7 +8,8 @@ powers of two ≥ 16 (the public wrapper pads). Five stages, as in the chunked G
   state_forward (B, H, V/BV): sequential over chunks; state [K, BV] float32 in registers;
                 saves the state entering every chunk and the new values X = U − Wk S
   output        (B·H, N, V/BV) parallel: O from Q, the saved state and X
-  state_backward(B, H, V/BV): reverse pass for the state cotangents (the cotangent of the
+  state_backward(B·H, N, V/BV) parallel: the state-independent part of dX, then
+                (B, H, V/BV): reverse pass for the state cotangents (the cotangent of the
                 state leaving every chunk is saved; dS₀ is the initial-state gradient)
   grads         (B·H, N, V/BV) parallel: every input cotangent of a chunk from S, dS', dO and
                 the chunk's saved (I + A)⁻¹, U and Wk
@@ -59,6 +60,12 @@ def _gates(G_ref, seq_ref, prev_ref, sl=slice(None)):
   G = G_ref[sl].astype(jnp.float32)
   seq = seq_ref[sl]
   return cm.chunk_gates(G[:, None], G[None, :], seq[:, None], seq[None, :], prev_ref[sl][:, None])
+
+
+def _end_gates(G_ref, seq_ref, prev_ref, sl):
+  """`_gates` without the C × C decay and masks (None): what the passes over chunks read."""
+  col = lambda ref: ref[sl].astype(jnp.float32)[:, None]
+  return cm.ChunkGates(None, None, None, *cm.end_gates(col(G_ref), col(seq_ref), col(prev_ref)))
 
 
 # Kernel bodies.
@@ -127,7 +134,7 @@ def _state_forward_kernel(*refs, L, C, precision):
 
   def body(n, state):
     sl = pl.ds(n * C, C)
-    gates = _gates(G_ref, seq_ref, prev_ref, sl)
+    gates = _end_gates(G_ref, seq_ref, prev_ref, sl)
     k = [r[sl, :] for r in k_refs]
     w = [_col(b[sl]) * r[sl, :].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
     h_ref[pl.ds(n * K, K), :] = state
@@ -149,19 +156,29 @@ def _output_kernel(*refs, L, scale, precision):
   o_ref[...] = o.astype(o_ref.dtype)
 
 
-def _state_backward_kernel(q_ref, k1_ref, G_ref, seq_ref, prev_ref, wk_ref, do_ref, dhT_ref,
-                           dh_ref, dh0_ref, *, C, scale, precision):
+def _local_dx_kernel(q_ref, k1_ref, G_ref, seq_ref, prev_ref, do_ref, out_ref, *, scale,
+                     precision):
+  gates = _gates(G_ref, seq_ref, prev_ref)
+  q = q_ref[...].astype(jnp.float32) * scale
+  out_ref[...] = cm.local_dx(q, do_ref[...].astype(jnp.float32),
+                             k1_ref[...].astype(jnp.float32), gates, precision)
+
+
+def _state_backward_kernel(q_ref, k1_ref, G_ref, seq_ref, prev_ref, wk_ref, do_ref, local_ref,
+                           dhT_ref, dh_ref, dh0_ref, *, C, scale, precision):
   K = k1_ref.shape[-1]
   N = wk_ref.shape[0] // C
 
   def body(i, dstate):
     n = N - 1 - i
     sl = pl.ds(n * C, C)
-    gates = _gates(G_ref, seq_ref, prev_ref, sl)
+    gates = _end_gates(G_ref, seq_ref, prev_ref, sl)
     dh_ref[pl.ds(n * K, K), :] = dstate
     q = q_ref[sl, :].astype(jnp.float32) * scale
-    return cm.state_cotangent_step(dstate, q, do_ref[sl, :].astype(jnp.float32), wk_ref[sl, :],
-                                   k1_ref[sl, :].astype(jnp.float32), gates, precision)
+    return cm.state_cotangent_from_local(
+        dstate, q, do_ref[sl, :].astype(jnp.float32), wk_ref[sl, :],
+        k1_ref[sl, :].astype(jnp.float32), local_ref[sl, :], gates.gamma, gates.to_end,
+        gates.gamma_last, precision)
 
   dh0_ref[...] = jax.lax.fori_loop(0, N, body, dhT_ref[...])
 
@@ -307,23 +324,33 @@ def output(q, k, v, beta, G, seq, prev, x, h, *, scale, bs: BlockSizes, precisio
 
 def state_backward(q, k, G, seq, prev, wk, do, dhT, *, scale, bs: BlockSizes, precision,
                    interpret):
-  """Cotangents of the states leaving each chunk dh [B,H,N·K,V] and of the initial state."""
+  """Cotangents of the states leaving each chunk dh [B,H,N·K,V] and of the initial state.
+  The state-independent part of dX is computed first, in parallel over chunks."""
   B, T, H, L, K = k.shape
   V, C = do.shape[-1], bs.chunk
   BV = min(bs.block_v, V)
+  s = _chunk_specs(L, C, K, BV, H)
+  local = pl.pallas_call(
+      functools.partial(_local_dx_kernel, scale=scale, precision=precision),
+      grid=(B * H, T // C, V // BV),
+      in_specs=[s["q"], s["k"][0], s["G"], s["seq"], s["seq"], s["rows_v"]],
+      out_specs=s["rows_v"],
+      out_shape=jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
+      compiler_params=_params(bs), interpret=interpret, name="prism_local_dx",
+  )(q, k, G, seq, prev, do)
   ks, _, _, G_spec, seq_spec, rows_k, rows_v = _seq_specs(1, T, K, BV)
   state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
   h_spec = pl.BlockSpec((None, None, T // C * K, BV), lambda b, h, j: (b, h, 0, j))
   return pl.pallas_call(
       functools.partial(_state_backward_kernel, C=C, scale=scale, precision=precision),
       grid=(B, H, V // BV),
-      in_specs=[rows_k, ks[0], G_spec, seq_spec, seq_spec, rows_k, rows_v, state_spec],
+      in_specs=[rows_k, ks[0], G_spec, seq_spec, seq_spec, rows_k, rows_v, rows_v, state_spec],
       out_specs=[h_spec, state_spec],
       out_shape=[jax.ShapeDtypeStruct((B, H, T // C * K, V), jnp.float32),
                  jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
       compiler_params=_params(bs, sequential=True), interpret=interpret,
       name="prism_state_backward",
-  )(q, k, G, seq, prev, wk, do, dhT)
+  )(q, k, G, seq, prev, wk, do, local, dhT)
 
 
 def grads(q, k, v, beta, G, seq, prev, inv, u, wk, h, dh, do, *, scale, bs: BlockSizes,

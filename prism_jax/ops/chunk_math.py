@@ -97,13 +97,21 @@ def chunk_gates(G_col, G_row, seq_col, seq_row, prev_col) -> ChunkGates:
   strict = (rows > cols) & same
   # The exponent is masked before exp: exp(−inf) = 0, never exp(+large) · 0.
   decay = jnp.exp(jnp.where(causal, G_col - G_row, -jnp.inf))
+  gamma, to_end, gamma_last, is_last = end_gates(G_col, seq_col, prev_col)
+  return ChunkGates(decay, causal, strict, gamma, to_end, gamma_last, is_last)
+
+
+def end_gates(G_col, seq_col, prev_col):
+  """γ, e, γ_C and the last-row mask of `chunk_gates`, without its C × C masks (all a pass
+  over chunks needs)."""
+  C = G_col.shape[0]
   is_last = _iota((C, 1), 0) == C - 1
   G_last = jnp.sum(jnp.where(is_last, G_col, 0.0), axis=0, keepdims=True)  # [1, 1]
   seq_last = jnp.sum(jnp.where(is_last, seq_col, 0.0), axis=0, keepdims=True)  # [1, 1]
   gamma = jnp.exp(jnp.where(seq_col == prev_col, G_col, -jnp.inf))
   to_end = jnp.exp(jnp.where(seq_col == seq_last, G_last - G_col, -jnp.inf))
   gamma_last = jnp.sum(jnp.where(is_last, gamma, 0.0), axis=0, keepdims=True)
-  return ChunkGates(decay, causal, strict, gamma, to_end, gamma_last, is_last)
+  return gamma, to_end, gamma_last, is_last
 
 
 def unit_lower_inverse(a, solve=HIGHEST):
@@ -193,10 +201,22 @@ def state_cotangent_step(dstate, q, do, wk, k1, gates: ChunkGates, precision):
 
   dX = causal((Q K¹ᵀ) ⊙ D)ᵀ dO + (K¹ ⊙ e) dS';  dS = γ_C dS' + (γ ⊙ Q)ᵀ dO − Wkᵀ dX.
   """
+  return state_cotangent_from_local(dstate, q, do, wk, k1, local_dx(q, do, k1, gates, precision),
+                                    gates.gamma, gates.to_end, gates.gamma_last, precision)
+
+
+def local_dx(q, do, k1, gates: ChunkGates, precision):
+  """The state-independent part of dX, causal((Q K¹ᵀ) ⊙ D)ᵀ dO: [C, V]."""
   p1 = jnp.where(gates.causal, mm(q, k1, precision, tb=True) * gates.decay, 0.0)
-  dx = mm(p1, do, precision, ta=True) + mm(k1 * gates.to_end, dstate, precision)
-  return (gates.gamma_last * dstate + mm(gates.gamma * q, do, precision, ta=True)
-          - mm(wk, dx, precision, ta=True))
+  return mm(p1, do, precision, ta=True)
+
+
+def state_cotangent_from_local(dstate, q, do, wk, k1, local, gamma, to_end, gamma_last,
+                               precision):
+  """`state_cotangent_step` given local = `local_dx` (computed apart, in parallel)."""
+  dx = local + mm(k1 * to_end, dstate, precision)
+  return gamma_last * dstate + mm(gamma * q, do, precision, ta=True) - mm(wk, dx, precision,
+                                                                           ta=True)
 
 
 class ChunkGrads(NamedTuple):
