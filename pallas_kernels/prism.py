@@ -40,8 +40,12 @@ def _fall_back(reason: str) -> None:
 # Compiled GPU kernels hold a chunk's key, value and gradient tiles in shared memory (227 KB on
 # Hopper). Measured on the H200: float32 inputs at padded K = V = 128 with L = 4 asked for 329 KB;
 # bf16 operands halve the tiles. These bounds are what was compiled there (benchmarks/RESULTS.md).
+# Since the gradient kernel reads the saved (I + A)⁻¹, U and Wk, float32 at padded K = V = 64
+# with L = 4 asks for 240 KB; L = 3 did not finish compiling within the time of that check, so
+# float32 at head dim 64 takes L ≤ 2 until it is measured.
 GPU_MAX_HEAD_DIM = {"float32": 64, "bfloat16": 128, "float16": 128}
 GPU_MAX_WRITES_AT_128 = 3
+GPU_MAX_WRITES_FLOAT32_AT_64 = 2
 
 
 def unsupported_reason(q, v, chunk_size, *, backend="gpu", interpret=True) -> str | None:
@@ -63,6 +67,10 @@ def unsupported_reason(q, v, chunk_size, *, backend="gpu", interpret=True) -> st
     if dim > 64 and L > GPU_MAX_WRITES_AT_128:
       return (f"L = {L} write keys at padded head dim {dim} (the compiled GPU kernels take at "
               f"most L = {GPU_MAX_WRITES_AT_128} there)")
+    if dtype == "float32" and dim > 32 and L > GPU_MAX_WRITES_FLOAT32_AT_64:
+      return (f"L = {L} write keys with float32 inputs at padded head dim {dim} (the compiled "
+              f"GPU kernels take at most L = {GPU_MAX_WRITES_FLOAT32_AT_64} there: cast to "
+              f"bfloat16 or use impl='chunk')")
   return None
 
 

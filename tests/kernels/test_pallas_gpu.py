@@ -40,7 +40,9 @@ def test_compiled_gpu_limits_name_the_reason():
                            jax.numpy.zeros((1, 8, 1, L, K), dtype))
   compiled = dict(backend="gpu", interpret=False)
   assert "float32" in unsupported_reason(*x(96, 1, "float32"), 64, **compiled)
-  assert unsupported_reason(*x(64, 4, "float32"), 64, **compiled) is None
+  assert unsupported_reason(*x(64, 2, "float32"), 64, **compiled) is None
+  assert "L = 3" in unsupported_reason(*x(64, 3, "float32"), 64, **compiled)
+  assert unsupported_reason(*x(32, 4, "float32"), 64, **compiled) is None
   assert unsupported_reason(*x(128, 3, "bfloat16"), 64, **compiled) is None
   assert "L = 4" in unsupported_reason(*x(128, 4, "bfloat16"), 64, **compiled)
   assert unsupported_reason(*x(96, 4, "float32"), 64, backend="gpu", interpret=True) is None

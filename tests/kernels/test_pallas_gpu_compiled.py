@@ -1,6 +1,6 @@
 """The GPU kernels compiled for a real GPU (skipped without one): interpret-mode cases, plus
-L = 4, a non-power-of-two head dim, the shared-memory fallback, and the acceptance shape B4 T4096 H16 K=V=128 L=2 bf16
-against the sequential reference. Few distinct shapes: every new shape recompiles the five
+L = 4, a non-power-of-two head dim, the shared-memory fallback, and the acceptance shape
+B4 T4096 H16 K=V=128 L=2 bf16 against the sequential reference. Few distinct shapes: every new shape recompiles the five
 kernels (the gradient kernel took about two minutes to compile on the H200 at K = V = 128)."""
 
 import warnings
@@ -23,7 +23,8 @@ GPU_CASES = [
     CASES[0],
     CASES[1],
     (2, 300, 3, 96, 96, 3, 64, True, True, jnp.bfloat16),
-    (1, 200, 2, 64, 48, 4, 64, True, True, jnp.float32),
+    (1, 200, 2, 64, 48, 2, 64, True, True, jnp.float32),
+    (1, 200, 2, 32, 32, 4, 64, True, True, jnp.float32),
     (2, 1000, 4, 64, 64, 2, 64, True, True, jnp.bfloat16),
 ]
 
