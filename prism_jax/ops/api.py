@@ -125,8 +125,8 @@ def prism_recurrence(q, k, v, beta, g, *, initial_state=None, output_final_state
       wherever the id changes (the first sequence continues from `initial_state`).
     scale: query scale, default K**-0.5.
     chunk_size: chunk length of the chunked and kernel forms (power of two ≥ 16). 64 suits
-      GPUs; on a CPU, 32 is faster (forward+backward at T = 8192, H = 4, K = V = 64: about
-      6-21% less time over four runs, benchmarks/RESULTS.md).
+      GPUs; on a CPU, 32 is usually faster (forward+backward at T = 8192, H = 4, K = V = 64:
+      less time than 64 in 5 of 7 runs, 37% less at best; benchmarks/RESULTS.md).
     impl: "auto", "naive", "assoc", "chunk" or "pallas".
 
   Returns:
