@@ -15,6 +15,7 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 # NVLink multicast stays off on shared hosts (JAX uses NCCL for its collectives).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export JAX_COMPILATION_CACHE_DIR=$PWD/.jcache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5
+mkdir -p .jcache && touch /tmp/prism_jcache_start  # finish() returns only entries newer than this
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -72,11 +73,13 @@ run_job() {
   echo "[$1 rc=$?]" >> "$LOG/$1.log"
 }
 
-# The logs' tails on stdout; the logs as $OUT/results.tgz and the compile cache as jcache.tgz.
+# The logs' tails on stdout; the logs as $OUT/results.tgz and the compile-cache entries this
+# call added as jcache.tgz (untar it in the repository root to grow the local .jcache; the whole
+# cache soon outgrows what a call returns).
 finish() {
   echo "end $(date -u +%T)" >> "$LOG/env.txt"
   tail -n 30 "$LOG"/*.log
   tar czf "$OUT/results.tgz" -C "$OUT" logs && rm -rf "$LOG"
-  tar czf "$OUT/jcache.tgz" .jcache 2>/dev/null
+  find .jcache -type f -newer /tmp/prism_jcache_start | tar czf "$OUT/jcache.tgz" -T - 2>/dev/null
   ls -la "$OUT"
 }
