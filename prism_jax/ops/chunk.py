@@ -376,27 +376,28 @@ def _time_major(o):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _segmented(static, q, k, v, beta, g, seq, seq_before, h0):
+def _segmented(static, q, k, v, beta, g, scale, seq, seq_before, h0):
   """The chunked form one segment of positions at a time (see SEGMENT_TOKENS).
 
-  static = (chunk, segment, scale, precision); arrays as `_prepare` takes them, T a multiple
-  of the segment. Returns (O [B, T, H, V] float32, final state [B, H, K, V]).
+  static = (chunk, segment, precision); arrays as `_prepare` takes them, T a multiple of the
+  segment; scale a float32 scalar array (it may be traced, and gets its cotangent).
+  Returns (O [B, T, H, V] float32, final state [B, H, K, V]).
   """
-  return _segmented_fwd(static, q, k, v, beta, g, seq, seq_before, h0)[0]
+  return _segmented_fwd(static, q, k, v, beta, g, scale, seq, seq_before, h0)[0]
 
 
 def _segment(static, i, raws, seq, seq_before):
   """Segment i: the [B, S, ...] slices of the raw inputs and the function that `_prepare`s
-  such slices (the segment's sequence indices closed over)."""
-  C, S, scale, _ = static
+  such slices and the scale (the segment's sequence indices closed over)."""
+  C, S, _ = static
   take = lambda x, axis, n: jax.lax.dynamic_slice_in_dim(x, i * n, n, axis=axis)
   seq_i, before_i = take(seq, 2, S // C), take(seq_before, 2, S // C)
-  prepare = lambda *r: _prepare(*r, seq_i, before_i, scale, C)
+  prepare = lambda q, k, v, beta, g, scale: _prepare(q, k, v, beta, g, seq_i, before_i, scale, C)
   return tuple(take(x, 1, S) for x in raws), prepare
 
 
-def _segmented_fwd(static, q, k, v, beta, g, seq, seq_before, h0):
-  C, S, _, precision = static
+def _segmented_fwd(static, q, k, v, beta, g, scale, seq, seq_before, h0):
+  C, S, precision = static
   B, T, H, _ = q.shape
   count = T // S
   opts = (False, precision)
@@ -404,7 +405,7 @@ def _segmented_fwd(static, q, k, v, beta, g, seq, seq_before, h0):
   def body(i, carry):
     o, starts, state = carry
     raw, prepare = _segment(static, i, (q, k, v, beta, g), seq, seq_before)
-    (o_i, new_state), res = _core_fwd(opts, *prepare(*raw), state)
+    (o_i, new_state), res = _core_fwd(opts, *prepare(*raw, scale), state)
     o = jax.lax.dynamic_update_slice_in_dim(o, _time_major(o_i), i * S, axis=1)
     entering = res[-2]  # the state entering each of the segment's chunks
     starts = jax.lax.dynamic_update_slice_in_dim(starts, entering, i * (S // C), axis=0)
@@ -413,34 +414,35 @@ def _segmented_fwd(static, q, k, v, beta, g, seq, seq_before, h0):
   o = jnp.zeros((B, T, H, v.shape[-1]), jnp.float32)
   starts = jnp.zeros((T // C, *h0.shape), jnp.float32)  # the state entering every chunk
   o, starts, final = jax.lax.fori_loop(0, count, body, (o, starts, h0))
-  return (o, final), (q, k, v, beta, g, seq, seq_before, starts)
+  return (o, final), (q, k, v, beta, g, scale, seq, seq_before, starts)
 
 
 def _segmented_bwd(static, res, cotangents):
-  C, S, _, precision = static
-  q, k, v, beta, g, seq, seq_before, starts = res
+  C, S, precision = static
+  q, k, v, beta, g, scale, seq, seq_before, starts = res
   do, d_final = cotangents
   count = q.shape[1] // S
   opts = (False, precision)
   raws = (q, k, v, beta, g)
 
   def body(j, carry):
-    grads, d_state = carry
+    grads, d_scale, d_state = carry
     i = count - 1 - j
     raw, prepare = _segment(static, i, raws, seq, seq_before)
-    core, prepare_vjp = jax.vjp(prepare, *raw)
+    core, prepare_vjp = jax.vjp(prepare, *raw, scale)
     states = jax.lax.dynamic_slice_in_dim(starts, i * (S // C), S // C, axis=0)
     _, res_i = _core_fwd(opts, *core, None, states=states)
     do_i = _chunk_major(jax.lax.dynamic_slice_in_dim(do, i * S, S, axis=1), C)
     *d_core, d_state = _core_bwd(opts, res_i, (do_i, d_state))
-    d_raw = prepare_vjp(tuple(d_core))
+    *d_raw, d_scale_i = prepare_vjp(tuple(d_core))
     grads = tuple(jax.lax.dynamic_update_slice_in_dim(acc, d, i * S, axis=1)
                   for acc, d in zip(grads, d_raw))
-    return grads, d_state
+    return grads, d_scale + d_scale_i, d_state
 
   grads = tuple(jnp.zeros_like(x) for x in raws)
-  grads, d_h0 = jax.lax.fori_loop(0, count, body, (grads, d_final))
-  return (*grads, jnp.zeros_like(seq), jnp.zeros_like(seq_before), d_h0)
+  grads, d_scale, d_h0 = jax.lax.fori_loop(0, count, body,
+                                           (grads, jnp.zeros_like(scale), d_final))
+  return (*grads, d_scale, jnp.zeros_like(seq), jnp.zeros_like(seq_before), d_h0)
 
 
 _segmented.defvjp(_segmented_fwd, _segmented_bwd)
@@ -482,7 +484,8 @@ def chunk_prism(q, k, v, beta, g, *, initial_state=None, output_final_state=Fals
             else initial_state.astype(jnp.float32))
   precision = HIGHEST if out_dtype == jnp.float32 else DEFAULT
   if segment < Tp:
-    o, final = _segmented((C, segment, scale, precision), *raw, seq, seq_before, state0)
+    o, final = _segmented((C, segment, precision), *raw, jnp.asarray(scale, jnp.float32), seq,
+                          seq_before, state0)
   else:
     core = _prepare(*raw, seq, seq_before, scale, C)
     o, final = _chunk_core((parallel, precision), *core, state0)

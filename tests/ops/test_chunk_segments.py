@@ -73,3 +73,20 @@ def test_segment_tokens_must_be_whole_chunks(bad):
   with pytest.raises(ValueError, match="segment_tokens must be a positive multiple of "
                                        "chunk_size 16, got " + str(bad)):
     chunk_prism(q, k, v, beta, g, chunk_size=16, segment_tokens=bad)
+
+
+def test_traced_scale_gets_its_gradient():
+  """A learnable query scale: a traced array through the segments, with its cotangent."""
+  q, k, v, beta, g, s0 = prism_inputs(313, B=1, T=96, H=2, K=16, V=8, L=2)
+
+  def loss(fn, **kw):
+    def f(scale):
+      o, final = fn(q, k, v, beta, g, initial_state=s0, output_final_state=True, scale=scale,
+                    **kw)
+      return jnp.sum(jnp.sin(o)) + jnp.sum(final**2)
+    return quick_jit(jax.value_and_grad(f))(jnp.float32(0.3))
+
+  value_ref, d_ref = loss(naive_prism)
+  value, d = loss(chunk_prism, chunk_size=16, segment_tokens=32, state_pass="scan")
+  assert_close("loss", value_ref, value)
+  assert_close("d scale", d_ref, d, 1e-4)
