@@ -41,8 +41,9 @@ def _fall_back(reason: str) -> None:
 # Hopper). Measured on the H200: float32 inputs at padded K = V = 128 with L = 4 asked for 329 KB;
 # bf16 operands halve the tiles. These bounds are what was compiled there (benchmarks/RESULTS.md).
 # Since the gradient kernel reads the saved (I + A)⁻¹, U and Wk, float32 at padded K = V = 64
-# with L = 4 asks for 240 KB; L = 3 did not finish compiling within the time of that check, so
-# float32 at head dim 64 takes L ≤ 2 until it is measured.
+# with L = 4 asks for 240 KB; L = 3 did not finish compiling within the time of that check (the
+# offline estimate of benchmarks/shared_memory.py, which errs high, puts it just under the
+# limit), so float32 at head dim 64 takes L ≤ 2 until a device compile confirms L = 3.
 GPU_MAX_HEAD_DIM = {"float32": 64, "bfloat16": 128, "float16": 128}
 GPU_MAX_WRITES_AT_128 = 3
 GPU_MAX_WRITES_FLOAT32_AT_64 = 2
