@@ -151,7 +151,7 @@ def intra_chunk(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision,
                 solve=HIGHEST) -> Intra:
   """U and Wk of one chunk. k: L arrays [C, K]; w: L arrays W^l [C, V]; b1: β¹ [C, 1].
   solve: precision of the (I + A)⁻¹ products (float32-accurate: HIGHEST or TF32X3)."""
-  a_raw = jnp.where(gates.strict, mm(k[0], k[0], precision, tb=True) * gates.decay, 0.0)
+  a_raw = _raw_keys(k[0], k[0], gates, precision)
   inv = unit_lower_inverse(b1 * a_raw, solve)
   rhs, m_raw, bk = right_hand_sides(k, w, b1, gates, precision)
   u = mm(inv, rhs, solve)
@@ -165,17 +165,20 @@ def right_hand_sides(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision)
   rhs = w[0]
   m_raw = []
   for kl, wl in zip(k[1:], w[1:]):
-    m = jnp.where(gates.strict, mm(k[0], kl, precision, tb=True) * gates.decay, 0.0)
-    m_raw.append(m)
-    rhs = rhs - mm(b1 * m, wl, precision)
+    m_raw.append(_raw_keys(k[0], kl, gates, precision))
+    rhs = rhs - mm(b1 * m_raw[-1], wl, precision)
   return rhs, tuple(m_raw), (b1 * gates.gamma) * k[0]
+
+
+def _raw_keys(k1, kl, gates: ChunkGates, precision):
+  """strict((K¹K^lᵀ) ⊙ D): A and M^l before the β¹ rows."""
+  return jnp.where(gates.strict, mm(k1, kl, precision, tb=True) * gates.decay, 0.0)
 
 
 def intra_from_saved(k: Sequence, inv, u, wk, gates: ChunkGates, precision) -> Intra:
   """`Intra` from the (I + A)⁻¹, U and Wk an earlier forward saved: only the raw products
   K¹K^lᵀ ⊙ D are recomputed (rhs and bk, which the backward does not read, are None)."""
-  raw = [jnp.where(gates.strict, mm(k[0], kl, precision, tb=True) * gates.decay, 0.0)
-         for kl in k]
+  raw = [_raw_keys(k[0], kl, gates, precision) for kl in k]
   return Intra(inv, raw[0], tuple(raw[1:]), None, None, u, wk)
 
 
@@ -215,8 +218,8 @@ def state_cotangent_from_local(dstate, q, do, wk, k1, local, gamma, to_end, gamm
                                precision):
   """`state_cotangent_step` given local = `local_dx` (computed apart, in parallel)."""
   dx = local + mm(k1 * to_end, dstate, precision)
-  return gamma_last * dstate + mm(gamma * q, do, precision, ta=True) - mm(wk, dx, precision,
-                                                                           ta=True)
+  return (gamma_last * dstate + mm(gamma * q, do, precision, ta=True)
+          - mm(wk, dx, precision, ta=True))
 
 
 class ChunkGrads(NamedTuple):
