@@ -205,18 +205,18 @@ def compile_check(configs, writes=(1, 3), B=1, T=256, H=2, D=128, dtype=jnp.bflo
   return good
 
 
-SOLVES = {"tf32x3": "TF32X3", "highest": "HIGHEST", "bf16": "BF16"}
+SOLVES = ("tf32x3", "highest", "bf16")  # chunk_math's TF32X3, HIGHEST and BF16
 
 
 def stage_times(bs, shape, writes, solve=None, only=None):
   """Milliseconds of each kernel alone at one shape (where the time of the Pallas path goes).
-  solve: a SOLVES key (timing other precisions of the inverse); only: kernel names to time."""
+  solve: one of SOLVES (timing other precisions of the inverse); only: kernel names to time."""
   from prism_jax.ops import chunk_math as cm
   B, T, H, D = shape
   for L in writes:
     row = {"shape": f"B{B} T{T} H{H} K=V={D}", "L": L,
            "tiling": (bs.block_v, bs.num_warps, bs.num_stages), "solve": solve or "default"}
-    calls = stage_calls(bs, B, T, H, D, L, solve=solve and getattr(cm, SOLVES[solve]))
+    calls = stage_calls(bs, B, T, H, D, L, solve=solve and getattr(cm, solve.upper()))
     for name, (fn, args) in calls.items():
       if only and name not in only:
         continue
@@ -238,7 +238,7 @@ def main():
                       help='with --stages: tilings "block_v,num_warps,num_stages;..." to time '
                            '(default: the one the kernels use)')
   parser.add_argument("--solves", default=None,
-                      help=f"with --stages: precisions of the inverse to time, from {list(SOLVES)}")
+                      help=f"with --stages: precisions of the inverse to time, from {SOLVES}")
   parser.add_argument("--only", default=None, help="with --stages: kernels to time, e.g. prepare")
   parser.add_argument("--json", default=None)
   parser.add_argument("--compile-check", default=None,
@@ -262,8 +262,11 @@ def main():
     from pallas_kernels.prism import gpu_block_sizes
     tilings = ([_block_sizes(tuple(int(x) for x in c.split(","))) for c in a.tilings.split(";")]
                if a.tilings else [gpu_block_sizes(CHUNK, interpret=False)])
+    solves = a.solves.split(",") if a.solves else [None]
+    if not set(solves) <= {None, *SOLVES}:
+      parser.error(f"--solves takes names from {SOLVES}, got {a.solves!r}")
     for bs in tilings:
-      for solve in (a.solves.split(",") if a.solves else [None]):
+      for solve in solves:
         stage_times(bs, SHAPES[0], tuple(int(x) for x in a.writes.split(",")), solve,
                     a.only and a.only.split(","))
     return

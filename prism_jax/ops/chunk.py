@@ -332,8 +332,8 @@ _chunk_core.defvjp(_core_fwd, _core_bwd)
 # On CPU the cost of the chunked form is mostly memory: every buffer XLA:CPU allocates per call
 # is fresh and faults its pages in, so whole-sequence intermediates cost more than their
 # products. There the sequence is processed in segments of SEGMENT_TOKENS positions, one after
-# the other, so a segment's intermediates reuse the same memory, and the backward recomputes a
-# segment's forward from the state saved at its start (one state per segment is all it keeps).
+# the other, so a segment's intermediates reuse the same memory; the forward keeps only the
+# state entering every chunk, from which the backward recomputes the rest of a segment.
 SEGMENT_TOKENS = 512
 
 
