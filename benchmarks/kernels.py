@@ -149,39 +149,45 @@ def peak_memory():
 
 
 def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16, solve=None):
-  """The five GPU kernels alone as jitted functions with concrete inputs: {name: (fn, args)}.
-  solve: precision of the (I + A)⁻¹ products (default: what the kernels use for `dtype`)."""
-  from prism_jax.ops import chunk_math as cm
+  """Each GPU kernel alone as a jitted function with concrete inputs, in the order the
+  custom_vjp runs them: {name: (fn, args)}. solve: precision of the (I + A)⁻¹ products
+  (default: what the kernels use for `dtype`)."""
   from pallas_kernels.gpu import kernels as gk
-  from pallas_kernels.gpu.prism import grads_precision, solve_precision
+  from pallas_kernels.gpu.prism import operand_precision, solve_precision, store_dtype
   from pallas_kernels.prism import kernel_inputs
   (q, k, v, beta, g), do = make_inputs(B, T, H, D, L, seed, dtype)
   G, seq, prev = kernel_inputs(g, None, B, T, CHUNK)
-  kw = dict(bs=bs, precision=cm.matmul_precision(dtype), interpret=interpret)
-  rows = jnp.zeros((B, T, H, D), jnp.float32)
-  state = jnp.zeros((B, H, D, D), jnp.float32)
-  h = jnp.zeros((B, H, T // CHUNK * D, D), jnp.float32)
-  grads_kw = dict(kw, precision=grads_precision(q.dtype),
-                  solve=solve_precision(dtype, interpret) if solve is None else solve)
+  kw = dict(bs=bs, precision=operand_precision(dtype), interpret=interpret)
+  store = dict(store_dtype=store_dtype(dtype))
+  solve = dict(solve=solve_precision(dtype, interpret) if solve is None else solve)
+  f32 = lambda *shape: jnp.zeros(shape, jnp.float32)
+  rows, stored = f32(B, T, H, D), f32(B, T, H, D).astype(store["store_dtype"])
+  state = f32(B, H, D, D)
+  h = f32(B, H, T // CHUNK * D, D).astype(store["store_dtype"])
+  scale = dict(scale=0.1)
+  call = lambda fn, *extra: jax.jit(lambda *a: fn(*a, **kw, **{k: v for d in extra
+                                                             for k, v in d.items()}))
   return {
-      "prepare": (jax.jit(lambda *a: gk.prepare(*a, solve=grads_kw["solve"], **kw)),
-                  (k, v, beta, G, seq, prev)),
-      "state_forward": (jax.jit(lambda *a: gk.state_forward(*a, **kw)),
-                        (k, v, beta, G, seq, prev, rows, rows, state)),
-      "output": (jax.jit(lambda *a: gk.output(*a, scale=0.1, **kw)),
-                 (q, k, v, beta, G, seq, prev, rows, h)),
-      "state_backward": (jax.jit(lambda *a: gk.state_backward(*a, scale=0.1, **kw)),
-                         (q, k, G, seq, prev, rows, do, state)),
-      "grads": (jax.jit(lambda *a: gk.grads(*a, scale=0.1, **grads_kw)),
-                (q, k, v, beta, G, seq, prev, jnp.zeros((B, T, H, CHUNK), jnp.float32), rows,
-                 rows, h, h, do)),
+      "inverse": (call(gk.inverse, solve), (k, beta, G, seq)),
+      "apply_inverse": (call(gk.apply_inverse, solve, store),
+                        (k, v, beta, G, seq, prev, f32(B, T, H, CHUNK))),
+      "state_forward": (call(gk.state_forward, store),
+                        (k, v, beta, G, seq, prev, rows, stored, state)),
+      "output": (call(gk.output, scale), (q, k, v, beta, G, seq, prev, stored, h)),
+      "local_dy": (call(gk.local_dy, scale), (q, k, G, seq, prev, do)),
+      "state_backward": (call(gk.state_backward, scale, store),
+                         (q, k, G, seq, prev, stored, do, rows, state)),
+      "state_grads": (call(gk.state_grads, scale),
+                      (q, k, v, beta, G, seq, prev, stored, h, h, rows, do)),
+      "wy_grads": (call(gk.wy_grads, solve),
+                   (k, v, beta, G, seq, prev, f32(B, T, H, CHUNK), rows, stored, rows, rows, h,
+                    [rows] * L, [rows] * L)),
   }
 
 
-def _block_sizes(cfg):
-  from pallas_kernels.gpu import kernels as gk
-  block_v, warps, stages = cfg
-  return gk.BlockSizes(chunk=CHUNK, block_v=block_v, num_warps=warps, num_stages=stages)
+def _block_sizes(spec):
+  from pallas_kernels.gpu.kernels import BlockSizes
+  return BlockSizes.parse(spec, CHUNK)
 
 
 def compile_check(configs, writes=(1, 3), B=1, T=256, H=2, D=128, dtype=jnp.bfloat16):
@@ -198,9 +204,7 @@ def compile_check(configs, writes=(1, 3), B=1, T=256, H=2, D=128, dtype=jnp.bflo
           res = str(err).split("\n")[0][-90:]
         ok[(cfg, L, name)] = res == "ok"
         print(f"compile {cfg} {jnp.dtype(dtype).name} D={D} L={L} {name}: {res}", flush=True)
-  good = [c for c in configs if all(ok[(c, L, n)] for L in writes
-                                    for n in ("prepare", "state_forward", "output",
-                                              "state_backward", "grads"))]
+  good = [c for c in configs if all(v for (cfg, _, _), v in ok.items() if cfg == c)]
   print("configs that compile:", good)
   return good
 
@@ -229,13 +233,15 @@ def stage_times(bs, shape, writes, solve=None, only=None):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--quick", action="store_true", help="first shape, L = 1 and 2 only, no memory run")
+  parser.add_argument("--quick", action="store_true",
+                      help="first shape, L = 1 and 2 only, no memory run")
   parser.add_argument("--skip-naive", action="store_true")
   parser.add_argument("--memory", action="store_true")
   parser.add_argument("--stages", action="store_true",
                       help="time each kernel alone at the first shape (L from --writes)")
   parser.add_argument("--tilings", default=None,
-                      help='with --stages: tilings "block_v,num_warps,num_stages;..." to time '
+                      help='with --stages: tilings "block_v,num_warps,num_stages[,block_k[,'
+                           'grads_num_warps]];..." to time '
                            '(default: the one the kernels use)')
   parser.add_argument("--solves", default=None,
                       help=f"with --stages: precisions of the inverse to time, from {SOLVES}")
@@ -249,18 +255,18 @@ def main():
   parser.add_argument("--writes", default="1,3", help="L values of --compile-check and --stages")
   a = parser.parse_args()
   if a.compile_check:
-    configs = [tuple(int(x) for x in c.split(",")) for c in a.compile_check.split(";")]
+    configs = a.compile_check.split(";")
     good = compile_check(configs, tuple(int(x) for x in a.writes.split(",")), D=a.dim,
                          dtype=jnp.dtype(a.dtype))
     if good:
-      print("PRISM_GPU_BLOCKS=" + ",".join(map(str, good[0])))
+      print("PRISM_GPU_BLOCKS=" + good[0])
     return
   if a.memory:
     print(json.dumps(peak_memory()))
     return
   if a.stages:
     from pallas_kernels.prism import gpu_block_sizes
-    tilings = ([_block_sizes(tuple(int(x) for x in c.split(","))) for c in a.tilings.split(";")]
+    tilings = ([_block_sizes(c) for c in a.tilings.split(";")]
                if a.tilings else [gpu_block_sizes(CHUNK, interpret=False)])
     solves = a.solves.split(",") if a.solves else [None]
     if not set(solves) <= {None, *SOLVES}:

@@ -26,9 +26,6 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SEQUENTIAL = ("prism_state_forward", "prism_state_backward")  # launched with seq_num_warps
-
-
 def capture_triton_modules():
   """Make CUDA lowering work without a GPU and collect (kernel name, Triton IR) pairs."""
   from jax._src.pallas.triton import pallas_call_registration as registration
@@ -74,11 +71,11 @@ def main():
   parser.add_argument("dtype", help="input dtype, e.g. bfloat16")
   parser.add_argument("dim", type=int, help="K = V (padded)")
   parser.add_argument("writes", type=int, help="L")
-  parser.add_argument("--only", default=None, help="stages to lower, e.g. grads,prepare")
+  parser.add_argument("--only", default=None, help="kernels to lower, e.g. wy_grads,inverse")
   a = parser.parse_args()
   captured = capture_triton_modules()
   from benchmarks.kernels import stage_calls
-  from pallas_kernels.gpu.kernels import BlockSizes
+  from pallas_kernels.gpu.kernels import BlockSizes, warps
   bs = BlockSizes(chunk=64)
   for stage, (fn, args) in stage_calls(bs, 1, 256, 2, a.dim, a.writes,
                                        dtype=jnp.dtype(a.dtype)).items():
@@ -87,9 +84,9 @@ def main():
     captured.clear()
     fn.trace(*args).lower(lowering_platforms=("cuda",))
     for name, ttir in captured:
-      warps = bs.seq_num_warps if name in SEQUENTIAL else bs.num_warps
-      print(f"{a.dtype} K=V={a.dim} L={a.writes} {stage}/{name} (warps {warps}): "
-            f"{shared_bytes(ttir, warps, bs.num_stages)} bytes", flush=True)
+      n = warps(bs, name)
+      print(f"{a.dtype} K=V={a.dim} L={a.writes} {stage}/{name} (warps {n}): "
+            f"{shared_bytes(ttir, n, bs.num_stages)} bytes", flush=True)
 
 
 if __name__ == "__main__":

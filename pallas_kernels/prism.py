@@ -127,19 +127,15 @@ def _run_kernels(q, k, v, beta, g, h0, segment_ids, *, scale, chunk, backend, in
 
 
 def gpu_block_sizes(chunk: int, interpret: bool):
-  """GPU tiling: PRISM_GPU_BLOCKS="block_v,num_warps,num_stages" overrides the default (for
-  tuning runs). Interpret mode splits V into blocks of 16 so CPU tests cover the value-block
-  partial sums."""
+  """GPU tiling: PRISM_GPU_BLOCKS="block_v,num_warps,num_stages[,block_k[,grads_num_warps]]"
+  overrides the default (for tuning runs). Interpret mode splits V and K into blocks of 16 so
+  CPU tests cover the loops over value blocks and the key-block partial sums."""
   from pallas_kernels.gpu.kernels import BlockSizes
   spec = os.environ.get("PRISM_GPU_BLOCKS")
   if spec:
-    try:
-      block_v, num_warps, num_stages = (int(x) for x in spec.split(","))
-    except ValueError as err:
-      raise ValueError(f'PRISM_GPU_BLOCKS must be "block_v,num_warps,num_stages", got {spec!r}'
-                       ) from err
-    return BlockSizes(chunk=chunk, block_v=block_v, num_warps=num_warps, num_stages=num_stages)
-  return BlockSizes(chunk=chunk, block_v=16) if interpret else BlockSizes(chunk=chunk)
+    return BlockSizes.parse(spec, chunk)
+  return (BlockSizes(chunk=chunk, block_v=16, block_k=16) if interpret
+          else BlockSizes(chunk=chunk))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))

@@ -31,25 +31,54 @@ from prism_jax.ops import chunk_math as cm
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiling of the GPU kernels. chunk: positions per chunk (C); block_v: value columns per
-  program (every kernel splits V); num_warps / num_stages: Triton launch parameters;
+  program or per step of a loop over value blocks; block_k: key columns per program of the
+  state-side gradient kernel; num_warps / num_stages: Triton launch parameters;
   seq_num_warps: warps of the two sequential passes over chunks (on the H200, B4 T4096 H16
-  K=V=128: the state cotangent pass 1.76 ms with 8 warps, 2.50 ms with 4)."""
+  K=V=128: the state cotangent pass 1.76 ms with 8 warps, 2.50 ms with 4); grads_num_warps:
+  warps of the two gradient kernels, which keep the most tiles live (L C × C accumulators and
+  L + 2 of [C, block_k] in the state-side one)."""
   chunk: int = 64
   block_v: int = 64
   num_warps: int = 4
   num_stages: int = 2
+  block_k: int = 64
+  grads_num_warps: int = 8
   seq_num_warps: int = 8
 
+  FIELDS = ("block_v", "num_warps", "num_stages", "block_k", "grads_num_warps")
+
+  @classmethod
+  def parse(cls, spec: str, chunk: int = 64) -> "BlockSizes":
+    """From "block_v,num_warps,num_stages[,block_k[,grads_num_warps]]" (tuning runs)."""
+    try:
+      fields = [int(x) for x in spec.split(",")]
+      if not 3 <= len(fields) <= len(cls.FIELDS):
+        raise ValueError
+    except ValueError as err:
+      raise ValueError(f'GPU tiling must be "{",".join(cls.FIELDS[:3])}[,block_k'
+                       f'[,grads_num_warps]]" integers, got {spec!r}') from err
+    return cls(chunk=chunk, **dict(zip(cls.FIELDS, fields)))
+
   def __post_init__(self):
-    for name in ("chunk", "block_v"):
+    for name in ("chunk", "block_v", "block_k"):
       n = getattr(self, name)
       if n < 16 or n & (n - 1):
         raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {n}")
 
 
-def _params(bs: BlockSizes, sequential: bool = False):
-  return plgpu.CompilerParams(num_warps=bs.seq_num_warps if sequential else bs.num_warps,
-                              num_stages=bs.num_stages)
+# The BlockSizes field that sets each kernel's warps (num_warps for the others).
+WARPS_FIELD = {"prism_state_forward": "seq_num_warps", "prism_state_backward": "seq_num_warps",
+               "prism_state_grads": "grads_num_warps", "prism_wy_grads": "grads_num_warps"}
+
+
+def warps(bs: BlockSizes, name: str) -> int:
+  return getattr(bs, WARPS_FIELD.get(name, "num_warps"))
+
+
+def _launch(name: str, bs: BlockSizes, interpret: bool) -> dict:
+  """pallas_call keywords of kernel `name`: its Triton launch parameters and the name."""
+  params = plgpu.CompilerParams(num_warps=warps(bs, name), num_stages=bs.num_stages)
+  return dict(compiler_params=params, interpret=interpret, name=name)
 
 
 def _col(x):
@@ -113,7 +142,7 @@ def _inverse_kernel(k1_ref, beta1_ref, G_ref, seq_ref, inv_ref, *, precision, so
 
 
 def _apply_kernel(*refs, L, precision, solve):
-  """U = (I + A)⁻¹ R and Wk = (I + A)⁻¹ Bk of one chunk and value block."""
+  """U = (I + A)⁻¹ R of one chunk and value block; Wk = (I + A)⁻¹ Bk in value block 0."""
   k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, inv_ref, u_ref, wk_ref) = (
       cm.split_refs(refs, (L, L, L, 6)))
   gates = _gates(G_ref, seq_ref, prev_ref)
@@ -122,7 +151,10 @@ def _apply_kernel(*refs, L, precision, solve):
   rhs, _, bk = cm.right_hand_sides(k, w, _col(beta_refs[0][...]), gates, precision)
   inv = inv_ref[...]
   u_ref[...] = cm.mm(inv, rhs, solve)
-  wk_ref[...] = cm.mm(inv, bk, solve)
+
+  @pl.when(pl.program_id(2) == 0)  # Wk does not depend on the value block
+  def _():
+    wk_ref[...] = cm.mm(inv, bk, solve).astype(wk_ref.dtype)
 
 
 def _state_forward_kernel(*refs, L, C, precision):
@@ -137,9 +169,9 @@ def _state_forward_kernel(*refs, L, C, precision):
     gates = _end_gates(G_ref, seq_ref, prev_ref, sl)
     k = [r[sl, :] for r in k_refs]
     w = [_col(b[sl]) * r[sl, :].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
-    h_ref[pl.ds(n * K, K), :] = state
+    h_ref[pl.ds(n * K, K), :] = state.astype(h_ref.dtype)
     x = u_ref[sl, :] - cm.mm(wk_ref[sl, :], state, precision)
-    x_ref[sl, :] = x
+    x_ref[sl, :] = x.astype(x_ref.dtype)
     return cm.next_state(state, x, k, w, gates, precision)
 
   hT_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...])
@@ -149,23 +181,25 @@ def _output_kernel(*refs, L, scale, precision):
   ((q_ref,), k_refs, v_refs, beta_refs,
    (G_ref, seq_ref, prev_ref, x_ref, h_ref, o_ref)) = cm.split_refs(refs, (1, L, L, L, 6))
   gates = _gates(G_ref, seq_ref, prev_ref)
-  q = q_ref[...].astype(jnp.float32) * scale
   k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ and Q K^lᵀ stay bf16 products for bf16
   w = [_col(b[...]) * r[...].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
-  o = cm.chunk_output(q, h_ref[...], x_ref[...], k, w, gates, precision)
-  o_ref[...] = o.astype(o_ref.dtype)
+  # O is linear in Q: scaling the result, not q, keeps q exact as a bf16 operand.
+  o = cm.chunk_output(q_ref[...], h_ref[...], x_ref[...], k, w, gates, precision)
+  o_ref[...] = (o * scale).astype(o_ref.dtype)
 
 
-def _local_dx_kernel(q_ref, k1_ref, G_ref, seq_ref, prev_ref, do_ref, out_ref, *, scale,
-                     precision):
+def _local_dy_kernel(*refs, L, scale, precision):
+  """P^lᵀ dO of one chunk and value block for every write l (dY^l less its state term)."""
+  ((q_ref,), k_refs, (G_ref, seq_ref, prev_ref, do_ref), out_refs) = cm.split_refs(
+      refs, (1, L, 4, L))
   gates = _gates(G_ref, seq_ref, prev_ref)
-  q = q_ref[...].astype(jnp.float32) * scale
-  out_ref[...] = cm.local_dx(q, do_ref[...].astype(jnp.float32),
-                             k1_ref[...].astype(jnp.float32), gates, precision)
+  q, do = q_ref[...], do_ref[...]  # P^lᵀ dO is linear in Q: scaled after, q stays exact
+  for k_ref, out_ref in zip(k_refs, out_refs):
+    out_ref[...] = cm.local_dy(q, do, k_ref[...], gates, precision) * scale
 
 
 def _state_backward_kernel(q_ref, k1_ref, G_ref, seq_ref, prev_ref, wk_ref, do_ref, local_ref,
-                           dhT_ref, dh_ref, dh0_ref, *, C, scale, precision):
+                           dhT_ref, dh_ref, dx_ref, dh0_ref, *, C, scale, precision):
   K = k1_ref.shape[-1]
   N = wk_ref.shape[0] // C
 
@@ -173,35 +207,65 @@ def _state_backward_kernel(q_ref, k1_ref, G_ref, seq_ref, prev_ref, wk_ref, do_r
     n = N - 1 - i
     sl = pl.ds(n * C, C)
     gates = _end_gates(G_ref, seq_ref, prev_ref, sl)
-    dh_ref[pl.ds(n * K, K), :] = dstate
+    dh_ref[pl.ds(n * K, K), :] = dstate.astype(dh_ref.dtype)
     q = q_ref[sl, :].astype(jnp.float32) * scale
-    return cm.state_cotangent_from_local(
+    dstate, dx = cm.state_cotangent_from_local(
         dstate, q, do_ref[sl, :].astype(jnp.float32), wk_ref[sl, :],
         k1_ref[sl, :].astype(jnp.float32), local_ref[sl, :], gates.gamma, gates.to_end,
         gates.gamma_last, precision)
+    dx_ref[sl, :] = dx
+    return dstate
 
   dh0_ref[...] = jax.lax.fori_loop(0, N, body, dhT_ref[...])
 
 
-def _grads_kernel(*refs, L, scale, precision, solve):
+def _state_grads_kernel(*refs, L, BV, scale, precision):
+  """dQ, the state-side dK^l, dX Sᵀ and that part of dG for one chunk and key block; the value
+  columns are summed in blocks of BV inside (`cm.state_sums`)."""
   ((q_ref,), k_refs, v_refs, beta_refs,
-   (G_ref, seq_ref, prev_ref, inv_ref, u_ref, wk_ref, h_ref, dh_ref, do_ref, dq_ref),
-   dk_refs, dv_refs, dbeta_refs, (dG_ref,)) = cm.split_refs(refs, (1, L, L, L, 10, L, L, L, 1))
+   (x_ref, dx_ref, G_ref, seq_ref, prev_ref, h_ref, dh_ref, do_ref, dq_ref),
+   dk_refs, (dxs_ref, dG_ref)) = cm.split_refs(refs, (1, L, L - 1, L - 1, 9, L, 2))
+  sums = None
+  for j in range(do_ref.shape[-1] // BV):
+    cols = (slice(None), pl.ds(j * BV, BV))
+    ys = [x_ref[cols]] + [_col(b[...]) * r[cols].astype(jnp.float32)
+                          for b, r in zip(beta_refs, v_refs)]
+    sums = cm.state_sums(ys, dx_ref[cols], h_ref[cols], dh_ref[cols],
+                         do_ref[cols].astype(jnp.float32), precision, sums)
   gates = _gates(G_ref, seq_ref, prev_ref)
   q = q_ref[...].astype(jnp.float32) * scale
-  k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ and Q K^lᵀ stay bf16 products for bf16
-  v = [r[...].astype(jnp.float32) for r in v_refs]
-  beta = [_col(r[...]) for r in beta_refs]
-  g = cm.chunk_grads(q, k, v, beta, h_ref[...], dh_ref[...], do_ref[...].astype(jnp.float32),
-                     gates, precision, solve, saved=(inv_ref[...], u_ref[...], wk_ref[...]))
-  dq_ref[...] = g.dq * scale
-  for r, x in zip(dk_refs, g.dk):
+  dq, dk, dG = cm.state_side_grads(sums, q, [r[...] for r in k_refs], gates, precision)
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+  for r, x in zip(dk_refs, dk):
     r[...] = x
-  for r, x in zip(dv_refs, g.dv):
-    r[...] = x
-  for r, x in zip(dbeta_refs, g.dbeta):
-    r[...] = x.reshape(-1)
-  dG_ref[...] = g.dG.reshape(-1)
+  dxs_ref[...] = sums.dxs
+  dG_ref[...] = dG.reshape(-1)
+
+
+def _wy_grads_kernel(*refs, L, BK, BV, precision, solve):
+  """The remaining cotangents of one chunk through (I + A)⁻¹ (`cm.wy_grads`), reading and
+  writing key and value columns in blocks of BK and BV."""
+  (k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, inv_ref, u_ref, wk_ref, dx_ref, dxs_ref,
+   dh_ref), local_refs, dks_refs, dk_refs, dv_refs, dbeta_refs, (dG_ref,)) = cm.split_refs(
+       refs, (L, L, L, 9, L - 1, L, L, L, L, 1))
+  gates = _gates(G_ref, seq_ref, prev_ref)
+  blocks = lambda n, b: [pl.ds(i * b, b) for i in range(n // b)]
+  k_blocks, v_blocks = blocks(k_refs[0].shape[-1], BK), blocks(v_refs[0].shape[-1], BV)
+
+  def dy(i, c):  # dY^l = P^lᵀ dO + (K^l ⊙ e) dS', l = i + 2
+    return local_refs[i][:, c] + cm.mm(k_refs[i + 1][...] * gates.to_end, dh_ref[:, c],
+                                       precision)
+
+  dk, dv, dbeta, dG = cm.wy_grads(
+      k_refs, v_refs, [_col(r[...]) for r in beta_refs], inv_ref[...], u_ref, wk_ref, dx_ref,
+      dxs_ref, dy, dks_refs, gates, precision, solve, v_blocks=v_blocks, k_blocks=k_blocks)
+  for out_refs, cols, values in ((dk_refs, k_blocks, dk), (dv_refs, v_blocks, dv)):
+    for r, parts in zip(out_refs, values):
+      for c, x in zip(cols, parts):
+        r[:, c] = x.astype(r.dtype)
+  for r, x in zip(dbeta_refs, dbeta):
+    r[...] = x.reshape(-1).astype(r.dtype)
+  dG_ref[...] = dG.reshape(-1)
 
 
 # pallas_calls. Shapes: q [B,T,H,K], k [B,T,H,L,K], v [B,T,H,L,V], beta [B,T,H,L],
@@ -226,9 +290,6 @@ def _chunk_specs(L, C, K, BV, H):
       rows_v=pl.BlockSpec((None, C, None, BV), at(lambda b, h, n, j: (b, n, h, j))),
       rows_c=pl.BlockSpec((None, C, None, C), at(lambda b, h, n, j: (b, n, h, 0))),
       h=pl.BlockSpec((None, None, K, BV), at(lambda b, h, n, j: (b, h, n, j))),
-      # Per-value-block partial sums, reduced over the leading axis outside the kernel.
-      part_k=pl.BlockSpec((None, None, C, None, K), at(lambda b, h, n, j: (j, b, n, h, 0))),
-      part_g=pl.BlockSpec((None, None, C, None), at(lambda b, h, n, j: (j, b, n, h))),
   )
 
 
@@ -237,15 +298,22 @@ def _block_v(bs: BlockSizes, V: int) -> int:
 
 
 def prepare(k, v, beta, G, seq, prev, *, bs: BlockSizes, precision, interpret,
-            solve=cm.HIGHEST):
-  """U [B,T,H,V], Wk [B,T,H,K] and the rows of every chunk's (I + A)⁻¹ [B,T,H,C] (float32):
-  the inverse once per chunk (grid (B·H, N)), then its products per value block (every value
-  block writes the same Wk). solve: precision of the (I + A)⁻¹ products."""
+            solve=cm.HIGHEST, store_dtype=jnp.float32):
+  """U [B,T,H,V] float32, Wk [B,T,H,K] in store_dtype (it is only ever a product operand) and
+  the rows of every chunk's (I + A)⁻¹ [B,T,H,C] float32: `inverse`, then `apply_inverse`.
+  solve: precision of the (I + A)⁻¹ products."""
+  kw = dict(bs=bs, precision=precision, interpret=interpret, solve=solve)
+  inv = inverse(k, beta, G, seq, **kw)
+  u, wk = apply_inverse(k, v, beta, G, seq, prev, inv, store_dtype=store_dtype, **kw)
+  return u, wk, inv
+
+
+def inverse(k, beta, G, seq, *, bs: BlockSizes, precision, interpret, solve=cm.HIGHEST):
+  """(I + A)⁻¹ of every chunk, once per chunk (grid (B·H, N)): rows [B,T,H,C] float32."""
   B, T, H, L, K = k.shape
-  V, C = v.shape[-1], bs.chunk
-  BV = _block_v(bs, V)
+  C = bs.chunk
   at = lambda f: (lambda bh, n: f(bh // H, bh % H, n))
-  inv = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_inverse_kernel, precision=precision, solve=solve),
       grid=(B * H, T // C),
       in_specs=[pl.BlockSpec((None, C, None, None, K), at(lambda b, h, n: (b, n, h, 0, 0))),
@@ -254,19 +322,27 @@ def prepare(k, v, beta, G, seq, prev, *, bs: BlockSizes, precision, interpret,
                 pl.BlockSpec((None, C), at(lambda b, h, n: (b, n)))],
       out_specs=pl.BlockSpec((None, C, None, C), at(lambda b, h, n: (b, n, h, 0))),
       out_shape=jax.ShapeDtypeStruct((B, T, H, C), jnp.float32),
-      compiler_params=_params(bs), interpret=interpret, name="prism_inverse",
+      **_launch("prism_inverse", bs, interpret),
   )(k, beta, G, seq)
+
+
+def apply_inverse(k, v, beta, G, seq, prev, inv, *, bs: BlockSizes, precision, interpret,
+                  solve=cm.HIGHEST, store_dtype=jnp.float32):
+  """U = (I + A)⁻¹ R per chunk and value block, and Wk = (I + A)⁻¹ Bk in the first value
+  block of each chunk."""
+  B, T, H, L, K = k.shape
+  V, C = v.shape[-1], bs.chunk
+  BV = _block_v(bs, V)
   s = _chunk_specs(L, C, K, BV, H)
-  u, wk = pl.pallas_call(
+  return pl.pallas_call(
       functools.partial(_apply_kernel, L=L, precision=precision, solve=solve),
       grid=(B * H, T // C, V // BV),
       in_specs=[*s["k"], *s["v"], *s["beta"], s["G"], s["seq"], s["seq"], s["rows_c"]],
       out_specs=[s["rows_v"], s["rows_k"]],
       out_shape=[jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
-                 jax.ShapeDtypeStruct((B, T, H, K), jnp.float32)],
-      compiler_params=_params(bs), interpret=interpret, name="prism_apply_inverse",
+                 jax.ShapeDtypeStruct((B, T, H, K), store_dtype)],
+      **_launch("prism_apply_inverse", bs, interpret),
   )(*([k] * L), *([v] * L), *([beta] * L), G, seq, prev, inv)
-  return u, wk, inv
 
 
 def _seq_specs(L, T, K, BV):
@@ -284,8 +360,10 @@ def _seq_specs(L, T, K, BV):
   return ks, vs, betas, G, seq, rows_k, rows_v
 
 
-def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, bs: BlockSizes, precision, interpret):
-  """States entering each chunk h [B,H,N·K,V], new values X [B,T,H,V], final state [B,H,K,V]."""
+def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, bs: BlockSizes, precision, interpret,
+                  store_dtype=jnp.float32):
+  """States entering each chunk h [B,H,N·K,V] and new values X [B,T,H,V] (store_dtype: the
+  later kernels read them only as product operands), final state [B,H,K,V] float32."""
   B, T, H, L, K = k.shape
   V, C = v.shape[-1], bs.chunk
   BV = min(bs.block_v, V)
@@ -297,11 +375,10 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, bs: BlockSizes, precis
       grid=(B, H, V // BV),
       in_specs=[*ks, *vs, *betas, G_spec, seq_spec, seq_spec, rows_v, rows_k, state_spec],
       out_specs=[h_spec, rows_v, state_spec],
-      out_shape=[jax.ShapeDtypeStruct((B, H, T // C * K, V), jnp.float32),
-                 jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
+      out_shape=[jax.ShapeDtypeStruct((B, H, T // C * K, V), store_dtype),
+                 jax.ShapeDtypeStruct((B, T, H, V), store_dtype),
                  jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
-      compiler_params=_params(bs, sequential=True), interpret=interpret,
-      name="prism_state_forward",
+      **_launch("prism_state_forward", bs, interpret),
   )(*([k] * L), *([v] * L), *([beta] * L), G, seq, prev, u, wk, h0)
 
 
@@ -318,26 +395,43 @@ def output(q, k, v, beta, G, seq, prev, x, h, *, scale, bs: BlockSizes, precisio
                 s["h"]],
       out_specs=s["rows_v"],
       out_shape=jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
-      compiler_params=_params(bs), interpret=interpret, name="prism_output",
+      **_launch("prism_output", bs, interpret),
   )(q, *([k] * L), *([v] * L), *([beta] * L), G, seq, prev, x, h)
 
 
-def state_backward(q, k, G, seq, prev, wk, do, dhT, *, scale, bs: BlockSizes, precision,
-                   interpret):
-  """Cotangents of the states leaving each chunk dh [B,H,N·K,V] and of the initial state.
-  The state-independent part of dX is computed first, in parallel over chunks."""
+def _rows_spec(H, C, width, axis_of_block):
+  """BlockSpec of one chunk's rows [C, width] of a [B, T, H, W] array on a grid (B·H, N, ...):
+  columns block `axis_of_block` of the grid (2), or all columns (None)."""
+  def index(bh, n, *rest):
+    return (bh // H, n, bh % H, rest[0] if axis_of_block == 2 else 0)
+  return pl.BlockSpec((None, C, None, width), index)
+
+
+def local_dy(q, k, G, seq, prev, do, *, scale, bs: BlockSizes, precision, interpret):
+  """P^lᵀ dO of every write l, L arrays [B,T,H,V] float32 (parallel over chunks): the
+  state-independent part of dY^l, taken out of the reverse pass."""
+  B, T, H, L, K = k.shape
+  V, C = do.shape[-1], bs.chunk
+  BV = _block_v(bs, V)
+  s = _chunk_specs(L, C, K, BV, H)
+  return pl.pallas_call(
+      functools.partial(_local_dy_kernel, L=L, scale=scale, precision=precision),
+      grid=(B * H, T // C, V // BV),
+      in_specs=[s["q"], *s["k"], s["G"], s["seq"], s["seq"], s["rows_v"]],
+      out_specs=[s["rows_v"]] * L,
+      out_shape=[jax.ShapeDtypeStruct((B, T, H, V), jnp.float32)] * L,
+      **_launch("prism_local_dy", bs, interpret),
+  )(q, *([k] * L), G, seq, prev, do)
+
+
+def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, bs: BlockSizes,
+                   precision, interpret, store_dtype=jnp.float32):
+  """Reverse pass over chunks: cotangents of the states leaving each chunk dh [B,H,N·K,V]
+  (store_dtype), dX [B,T,H,V] float32 and the initial-state cotangent [B,H,K,V]. local1: P¹ᵀ dO
+  (`local_dy`)."""
   B, T, H, L, K = k.shape
   V, C = do.shape[-1], bs.chunk
   BV = min(bs.block_v, V)
-  s = _chunk_specs(L, C, K, BV, H)
-  local = pl.pallas_call(
-      functools.partial(_local_dx_kernel, scale=scale, precision=precision),
-      grid=(B * H, T // C, V // BV),
-      in_specs=[s["q"], s["k"][0], s["G"], s["seq"], s["seq"], s["rows_v"]],
-      out_specs=s["rows_v"],
-      out_shape=jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
-      compiler_params=_params(bs), interpret=interpret, name="prism_local_dx",
-  )(q, k, G, seq, prev, do)
   ks, _, _, G_spec, seq_spec, rows_k, rows_v = _seq_specs(1, T, K, BV)
   state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
   h_spec = pl.BlockSpec((None, None, T // C * K, BV), lambda b, h, j: (b, h, 0, j))
@@ -345,41 +439,96 @@ def state_backward(q, k, G, seq, prev, wk, do, dhT, *, scale, bs: BlockSizes, pr
       functools.partial(_state_backward_kernel, C=C, scale=scale, precision=precision),
       grid=(B, H, V // BV),
       in_specs=[rows_k, ks[0], G_spec, seq_spec, seq_spec, rows_k, rows_v, rows_v, state_spec],
-      out_specs=[h_spec, state_spec],
-      out_shape=[jax.ShapeDtypeStruct((B, H, T // C * K, V), jnp.float32),
+      out_specs=[h_spec, rows_v, state_spec],
+      out_shape=[jax.ShapeDtypeStruct((B, H, T // C * K, V), store_dtype),
+                 jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
                  jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
-      compiler_params=_params(bs, sequential=True), interpret=interpret,
-      name="prism_state_backward",
-  )(q, k, G, seq, prev, wk, do, local, dhT)
+      **_launch("prism_state_backward", bs, interpret),
+  )(q, k, G, seq, prev, wk, do, local1, dhT)
 
 
-def grads(q, k, v, beta, G, seq, prev, inv, u, wk, h, dh, do, *, scale, bs: BlockSizes,
-          precision, interpret, solve=cm.HIGHEST):
-  """Float32 cotangents: dq [B,T,H,K], L × dk, L × dv [B,T,H,V], L × dβ, dG [B,T,H].
-  inv, u, wk: what `prepare` returned in the forward.
+def _grad_specs(L, C, K, V, BK, H):
+  """BlockSpecs of the two gradient kernels: grid (B·H, N, K/BK) for the state side, whose
+  key-width blocks are BK columns, and (B·H, N) for the WY side, whose blocks are whole rows."""
+  nK = K // BK
+  at = lambda f: (lambda bh, n, *r: f(bh // H, bh % H, n, *r))
+  return dict(
+      key=lambda width: _rows_spec(H, C, width, 2),
+      rows=lambda width: _rows_spec(H, C, width, None),
+      k_blk=[pl.BlockSpec((None, C, None, None, BK), at(lambda b, h, n, i, l=l: (b, n, h, l, i)))
+             for l in range(L)],
+      k_all=[pl.BlockSpec((None, C, None, None, K), at(lambda b, h, n, l=l: (b, n, h, l, 0)))
+             for l in range(L)],
+      v_all=[pl.BlockSpec((None, C, None, None, V),
+                          at(lambda b, h, n, *_, l=l: (b, n, h, l, 0))) for l in range(L)],
+      beta=[pl.BlockSpec((None, C, None, None), at(lambda b, h, n, *_, l=l: (b, n, h, l)))
+            for l in range(L)],
+      G=pl.BlockSpec((None, C, None), at(lambda b, h, n, *_: (b, n, h))),
+      seq=pl.BlockSpec((None, C), at(lambda b, h, n, *_: (b, n))),
+      h_blk=pl.BlockSpec((None, None, BK, V), at(lambda b, h, n, i: (b, h, n * nK + i, 0))),
+      h_all=pl.BlockSpec((None, None, K, V), at(lambda b, h, n: (b, h, n, 0))),
+      part=pl.BlockSpec((None, None, C, None), at(lambda b, h, n, i: (i, b, n, h))),
+  )
 
-  Every cotangent on the key or gate side is a sum over value columns, so each value block
-  writes its partial sum and they are added here; dv is per column."""
+
+def grads(q, k, v, beta, G, seq, prev, inv, u, wk, x, h, dh, dx, local, do, *, scale,
+          bs: BlockSizes, precision, interpret, solve=cm.HIGHEST):
+  """Cotangents dq [B,T,H,K] (q's dtype), L × dk (k's dtype), L × dv (v's dtype), L × dβ
+  (β's dtype), dG [B,T,H] float32: `state_grads`, then `wy_grads`. inv, u, wk, x, h: what the
+  forward saved; dh, dx: what `state_backward` returned; local: `local_dy`'s."""
+  kw = dict(bs=bs, precision=precision, interpret=interpret)
+  dq, dk_state, dxs, dG_state = state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do,
+                                            scale=scale, **kw)
+  dk, dv, dbeta, dG = wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local,
+                               dk_state, solve=solve, **kw)
+  return dq, dk, dv, dbeta, dG + dG_state
+
+
+def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, bs: BlockSizes,
+                precision, interpret):
+  """The state side (grid B·H × N × K/BK, value blocks summed inside): dq in q's dtype, the
+  output/state terms of dK^l (L × [B,T,H,K] float32), dX Sᵀ [B,T,H,K] float32 and that part of
+  dG [B,T,H]."""
   B, T, H, L, K = k.shape
   V, C = v.shape[-1], bs.chunk
-  BV = _block_v(bs, V)
-  nV = V // BV
-  s = _chunk_specs(L, C, K, BV, H)
+  BK = min(bs.block_k, K)
+  s = _grad_specs(L, C, K, V, BK, H)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  dq, *rest = pl.pallas_call(
+      functools.partial(_state_grads_kernel, L=L, BV=_block_v(bs, V), scale=scale,
+                        precision=precision),
+      grid=(B * H, T // C, K // BK),
+      in_specs=[s["key"](BK), *s["k_blk"], *s["v_all"][1:], *s["beta"][1:], s["rows"](V),
+                s["rows"](V), s["G"], s["seq"], s["seq"], s["h_blk"], s["h_blk"], s["rows"](V)],
+      out_specs=[s["key"](BK)] * (L + 2) + [s["part"]],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)] + [f32(B, T, H, K)] * (L + 1)
+      + [f32(K // BK, B, T, H)],
+      **_launch("prism_state_grads", bs, interpret),
+  )(q, *([k] * L), *([v] * (L - 1)), *([beta] * (L - 1)), x, dx, G, seq, prev, h, dh, do)
+  return dq, rest[:L], rest[L], rest[L + 1].sum(axis=0)
+
+
+def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state, *,
+             bs: BlockSizes, precision, interpret, solve=cm.HIGHEST):
+  """The WY side (grid B·H × N, columns in blocks inside): L × dk (k's dtype, dk_state added),
+  L × dv (v's dtype), L × dβ (β's dtype) and the rest of dG [B,T,H] float32."""
+  B, T, H, L, K = k.shape
+  V, C = v.shape[-1], bs.chunk
+  s = _grad_specs(L, C, K, V, min(bs.block_k, K), H)
+  rows = s["rows"]
   out = pl.pallas_call(
-      functools.partial(_grads_kernel, L=L, scale=scale, precision=precision, solve=solve),
-      grid=(B * H, T // C, nV),
-      in_specs=[s["q"], *s["k"], *s["v"], *s["beta"], s["G"], s["seq"], s["seq"], s["rows_c"],
-                s["rows_v"], s["rows_k"], s["h"], s["h"], s["rows_v"]],
-      out_specs=[s["part_k"]] * (1 + L) + [s["rows_v"]] * L + [s["part_g"]] * (L + 1),
-      out_shape=[f32(nV, B, T, H, K)] * (1 + L) + [f32(B, T, H, V)] * L
-      + [f32(nV, B, T, H)] * (L + 1),
-      compiler_params=_params(bs), interpret=interpret, name="prism_grads",
-  )(q, *([k] * L), *([v] * L), *([beta] * L), G, seq, prev, inv, u, wk, h, dh, do)
-  dq, dk, dv, dbeta, dG = _unpack(out, L)
-  total = lambda parts: parts.sum(axis=0)
-  return (total(dq), [total(x) for x in dk], list(dv), [total(x) for x in dbeta], total(dG))
-
-
-def _unpack(out, L):
-  return out[0], out[1:1 + L], out[1 + L:1 + 2 * L], out[1 + 2 * L:1 + 3 * L], out[-1]
+      functools.partial(_wy_grads_kernel, L=L, BK=min(bs.block_k, K), BV=_block_v(bs, V),
+                        precision=precision, solve=solve),
+      grid=(B * H, T // C),
+      in_specs=[*s["k_all"], *s["v_all"], *s["beta"], s["G"], s["seq"], s["seq"], rows(C),
+                rows(V), rows(K), rows(V), rows(K), s["h_all"], *[rows(V)] * (L - 1),
+                *[rows(K)] * L],
+      out_specs=[rows(K)] * L + [rows(V)] * L + [s["G"]] * (L + 1),
+      out_shape=[jax.ShapeDtypeStruct((B, T, H, K), k.dtype)] * L
+      + [jax.ShapeDtypeStruct((B, T, H, V), v.dtype)] * L
+      + [jax.ShapeDtypeStruct((B, T, H), beta.dtype)] * L
+      + [jax.ShapeDtypeStruct((B, T, H), jnp.float32)],
+      **_launch("prism_wy_grads", bs, interpret),
+  )(*([k] * L), *([v] * L), *([beta] * L), G, seq, prev, inv, u, wk, dx, dxs, dh, *local[1:],
+    *dk_state)
+  return list(out[:L]), list(out[L:2 * L]), list(out[2 * L:3 * L]), out[-1]

@@ -14,11 +14,18 @@ from pallas_kernels.gpu import kernels
 from pallas_kernels.gpu.kernels import BlockSizes
 
 
-def grads_precision(dtype):
-  """The per-chunk gradient kernel is the largest: with bf16 inputs its products take bf16
-  operands (float32 accumulation) so their on-chip copies fit Hopper's shared memory (with
-  TF32 operands it asked for 311 KB of the 227 KB at L = 3, K = V = 128, block_v = 64)."""
+def operand_precision(dtype):
+  """Products outside the (I + A)⁻¹ solve: with bf16 (or float16) inputs both operands are
+  rounded to bf16 and accumulated in float32 (the tensor cores' full rate, half the on-chip
+  operand memory of TF32); float32 inputs get float32 products."""
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else cm.BF16
+
+
+def store_dtype(dtype):
+  """Dtype of the saved arrays that later kernels read only as product operands (the states
+  entering each chunk and their cotangents, X, Wk): bf16 under `operand_precision`'s rounding,
+  which would round them anyway, else float32. The state itself stays float32 on chip."""
+  return jnp.float32 if jnp.dtype(dtype) == jnp.float32 else jnp.bfloat16
 
 
 def solve_precision(dtype, interpret: bool):
@@ -43,12 +50,13 @@ def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interp
 
 
 def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
-  kw = dict(bs=bs, precision=cm.matmul_precision(q.dtype), interpret=interpret)
-  u, wk, inv = kernels.prepare(k, v, beta, G, seq, prev,
+  kw = dict(bs=bs, precision=operand_precision(q.dtype), interpret=interpret)
+  store = store_dtype(q.dtype)
+  u, wk, inv = kernels.prepare(k, v, beta, G, seq, prev, store_dtype=store,
                                solve=solve_precision(q.dtype, interpret), **kw)
-  h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, **kw)
+  h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, store_dtype=store, **kw)
   o = kernels.output(q, k, v, beta, G, seq, prev, x, h, scale=scale, **kw)
-  return o, hT, (q, k, v, beta, G, seq, prev, inv, u, wk, h)
+  return o, hT, (q, k, v, beta, G, seq, prev, inv, u, wk, x, h)
 
 
 def _fwd(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
@@ -57,16 +65,18 @@ def _fwd(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
 
 
 def _bwd(scale, bs, interpret, res, cotangents):
-  q, k, v, beta, G, seq, prev, inv, u, wk, h = res
+  q, k, v, beta, G, seq, prev, inv, u, wk, x, h = res
   do, dhT = cotangents
-  kw = dict(scale=scale, bs=bs, precision=cm.matmul_precision(q.dtype), interpret=interpret)
-  dh, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, dhT.astype(jnp.float32), **kw)
-  kw["precision"] = grads_precision(q.dtype)
-  dq, dk, dv, dbeta, dG = kernels.grads(q, k, v, beta, G, seq, prev, inv, u, wk, h, dh, do,
-                                        solve=solve_precision(q.dtype, interpret), **kw)
-  return (dq.astype(q.dtype), jnp.stack(dk, axis=3).astype(k.dtype),
-          jnp.stack(dv, axis=3).astype(v.dtype), jnp.stack(dbeta, axis=3).astype(beta.dtype),
-          dG, jnp.zeros_like(seq), jnp.zeros_like(prev), dh0)
+  kw = dict(scale=scale, bs=bs, precision=operand_precision(q.dtype), interpret=interpret)
+  local = kernels.local_dy(q, k, G, seq, prev, do, **kw)
+  dh, dx, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, local[0],
+                                       dhT.astype(jnp.float32), store_dtype=store_dtype(q.dtype),
+                                       **kw)
+  dq, dk, dv, dbeta, dG = kernels.grads(q, k, v, beta, G, seq, prev, inv, u, wk, x, h, dh, dx,
+                                        local, do, solve=solve_precision(q.dtype, interpret),
+                                        **kw)
+  return (dq, jnp.stack(dk, axis=3), jnp.stack(dv, axis=3), jnp.stack(dbeta, axis=3), dG,
+          jnp.zeros_like(seq), jnp.zeros_like(prev), dh0)
 
 
 chunked_prism.defvjp(_fwd, _bwd)

@@ -175,13 +175,6 @@ def _raw_keys(k1, kl, gates: ChunkGates, precision):
   return jnp.where(gates.strict, mm(k1, kl, precision, tb=True) * gates.decay, 0.0)
 
 
-def intra_from_saved(k: Sequence, inv, u, wk, gates: ChunkGates, precision) -> Intra:
-  """`Intra` from the (I + A)⁻¹, U and Wk an earlier forward saved: only the raw products
-  K¹K^lᵀ ⊙ D are recomputed (rhs and bk, which the backward does not read, are None)."""
-  raw = [_raw_keys(k[0], kl, gates, precision) for kl in k]
-  return Intra(inv, raw[0], tuple(raw[1:]), None, None, u, wk)
-
-
 def next_state(state, x, k: Sequence, w: Sequence, gates: ChunkGates, precision):
   """S' = γ_C S + (K¹ ⊙ e)ᵀ X + Σ_{l≥2} (K^l ⊙ e)ᵀ W^l; state [K, V], x and w [C, V]."""
   new = gates.gamma_last * state
@@ -204,22 +197,23 @@ def state_cotangent_step(dstate, q, do, wk, k1, gates: ChunkGates, precision):
 
   dX = causal((Q K¹ᵀ) ⊙ D)ᵀ dO + (K¹ ⊙ e) dS';  dS = γ_C dS' + (γ ⊙ Q)ᵀ dO − Wkᵀ dX.
   """
-  return state_cotangent_from_local(dstate, q, do, wk, k1, local_dx(q, do, k1, gates, precision),
-                                    gates.gamma, gates.to_end, gates.gamma_last, precision)
+  return state_cotangent_from_local(dstate, q, do, wk, k1, local_dy(q, do, k1, gates, precision),
+                                    gates.gamma, gates.to_end, gates.gamma_last, precision)[0]
 
 
-def local_dx(q, do, k1, gates: ChunkGates, precision):
-  """The state-independent part of dX, causal((Q K¹ᵀ) ⊙ D)ᵀ dO: [C, V]."""
-  p1 = jnp.where(gates.causal, mm(q, k1, precision, tb=True) * gates.decay, 0.0)
-  return mm(p1, do, precision, ta=True)
+def local_dy(q, do, kl, gates: ChunkGates, precision):
+  """P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO, the state-independent part of dY^l: [C, V]."""
+  p = jnp.where(gates.causal, mm(q, kl, precision, tb=True) * gates.decay, 0.0)
+  return mm(p, do, precision, ta=True)
 
 
 def state_cotangent_from_local(dstate, q, do, wk, k1, local, gamma, to_end, gamma_last,
                                precision):
-  """`state_cotangent_step` given local = `local_dx` (computed apart, in parallel)."""
+  """`state_cotangent_step` given local = `local_dy` of K¹ (computed apart, in parallel); returns
+  (dS, dX)."""
   dx = local + mm(k1 * to_end, dstate, precision)
   return (gamma_last * dstate + mm(gamma * q, do, precision, ta=True)
-          - mm(wk, dx, precision, ta=True))
+          - mm(wk, dx, precision, ta=True)), dx
 
 
 class ChunkGrads(NamedTuple):
@@ -230,80 +224,149 @@ class ChunkGrads(NamedTuple):
   dG: jax.Array  # cotangent of the chunk-local cumulative log-decay: [C, 1]
 
 
+class StateSums(NamedTuple):
+  """Sums over value columns that the state-side cotangents need (one block of key columns
+  k₀:k₁ when S, dS' are rows k₀:k₁ of the state): each is a sum of per-value-block terms."""
+  dos: jax.Array  # dO Sᵀ: [C, BK]
+  doy: tuple  # dO Y^lᵀ: L arrays [C, C] (the same for every key block)
+  yds: tuple  # Y^l dS'ᵀ: L arrays [C, BK]
+  dxs: jax.Array  # dX Sᵀ: [C, BK]
+  sds: jax.Array  # Σ S ⊙ dS': [1, 1]
+
+
+def state_sums(ys: Sequence, dx, state, dstate, do, precision, acc: StateSums | None = None):
+  """`StateSums` of one value block (ys: Y^l [C, BV], Y¹ = X; dx, do [C, BV]; state, dstate
+  [BK, BV]), added to `acc` when given."""
+  terms = StateSums(mm(do, state, precision, tb=True),
+                    tuple(mm(do, y, precision, tb=True) for y in ys),
+                    tuple(mm(y, dstate, precision, tb=True) for y in ys),
+                    mm(dx, state, precision, tb=True),
+                    jnp.sum(jnp.sum(state * dstate, axis=1, keepdims=True), axis=0,
+                            keepdims=True))
+  if acc is None:
+    return terms
+  return jax.tree.map(jnp.add, acc, terms)
+
+
+def state_side_grads(sums: StateSums, q, k: Sequence, gates: ChunkGates, precision):
+  """dQ, the output/state part of dK^l and that part of dG, for the key columns of `sums`
+  (q, k^l: [C, BK]; dG is a partial sum over key blocks).
+
+    dQ   = γ ⊙ dO Sᵀ + Σ_l (dP^l ⊙ D) K^l,      dP^l = causal(dO Y^lᵀ)
+    dK^l = (dP^l ⊙ D)ᵀ Q + e ⊙ Y^l dS'ᵀ
+    dG   = Σ_l [rowsum(Q ⊙ (dP^l ⊙ D) K^l) − rowsum(K^l ⊙ (dP^l ⊙ D)ᵀ Q)]
+           + γ ⊙ rowsum(Q ⊙ dO Sᵀ) − e ⊙ Σ_l rowsum(K^l ⊙ Y^l dS'ᵀ)  (+ G_C terms, last row)
+
+  The first dG line is Σ_j Ψ_ij − Σ_j Ψ_ji of Ψ = Σ dP^l ⊙ P^l written through the products
+  already formed (Ψ_ij = (dP^l ⊙ D)_ij q_i·k_j), so no C × C Ψ or its column sums are needed.
+  Returns (dq, dk tuple, dG [C, 1]).
+  """
+  dq = gates.gamma * sums.dos
+  dG = gates.gamma * _rowsum(q * sums.dos)
+  de = jnp.zeros_like(gates.to_end)
+  dk = []
+  for kl, doy, yds in zip(k, sums.doy, sums.yds):
+    dpd = jnp.where(gates.causal, doy, 0.0) * gates.decay
+    dq_l = mm(dpd, kl, precision)
+    dk_l = mm(dpd, q, precision, ta=True)
+    dq = dq + dq_l
+    dk.append(dk_l + gates.to_end * yds)
+    dG = dG + _rowsum(q * dq_l) - _rowsum(kl * dk_l)
+    de = de + _rowsum(kl * yds)
+  dG = dG - de * gates.to_end
+  last = jnp.sum(de * gates.to_end, axis=0, keepdims=True) + sums.sds * gates.gamma_last
+  return dq, tuple(dk), dG + jnp.where(gates.is_last, last, 0.0)
+
+
+def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, dk_state,
+             gates: ChunkGates, precision, solve=HIGHEST, v_blocks=(slice(None),),
+             k_blocks=(slice(None),)):
+  """Cotangents through U = (I + A)⁻¹ R and Wk = (I + A)⁻¹ Bk (the WY part) of one chunk.
+
+  With T = (I + A)⁻¹:
+
+    dR = Tᵀ dX,   dBk = −Tᵀ (dX Sᵀ),   dA = −strict(dR Uᵀ + dBk Wkᵀ)
+    dW¹ = dR,   dW^l = dY^l − (β¹ ⊙ M^l_raw)ᵀ dR,   dM^l = −strict(dR W^lᵀ)
+
+  then the key, β and G terms of A = β¹ ⊙ strict(K¹K¹ᵀ ⊙ D), M^l and Bk = β¹γ ⊙ K¹ (dG as in
+  `state_side_grads`, through the key products of dA and dM^l).
+
+  k, v (L each), u, wk, dx: dX [C, V], dxs: dX Sᵀ [C, K] and dk_state (the state-side dK^l to
+  add to) are arrays or Pallas refs, read one column block (v_blocks / k_blocks: slices of the
+  value / key columns) at a time so a kernel never holds whole rows; beta: L columns [C, 1];
+  dy(i, cols): columns `cols` of dY^(i+2). Returns (dk, dv, dbeta, dG [C, 1]) with dk[l], dv[l]
+  lists of column blocks in k_blocks / v_blocks order.
+  """
+  L = len(k)
+  f32 = lambda x: x.astype(jnp.float32)
+  b1 = beta[0]
+  raw = []  # strict(K¹K^lᵀ ⊙ D): A and M^l before the β¹ rows
+  for kl in k:
+    kk = sum(mm(k[0][:, c], kl[:, c], precision, tb=True) for c in k_blocks)
+    raw.append(jnp.where(gates.strict, kk * gates.decay, 0.0))
+  gram = 0.0  # dR Uᵀ + dBk Wkᵀ
+  rw = [0.0] * L  # dR W^lᵀ, l ≥ 2
+  dv, dbeta = [[] for _ in range(L)], [0.0] * L
+  for c in v_blocks:
+    dr = mm(inv, dx[:, c], solve, ta=True)
+    gram = gram + mm(dr, u[:, c], precision, tb=True)
+    dv[0].append(b1 * dr)
+    dbeta[0] = dbeta[0] + _rowsum(dr * f32(v[0][:, c]))
+    for i in range(1, L):
+      vl = f32(v[i][:, c])
+      rw[i] = rw[i] + mm(dr, beta[i] * vl, precision, tb=True)
+      dw = dy(i - 1, c) - mm(b1 * raw[i], dr, precision, ta=True)
+      dv[i].append(beta[i] * dw)
+      dbeta[i] = dbeta[i] + _rowsum(dw * vl)
+  dbk = lambda c: -mm(inv, dxs[:, c], solve, ta=True)
+  sbk = 0.0
+  for c in k_blocks:
+    dbk_c = dbk(c)
+    gram = gram + mm(dbk_c, wk[:, c], precision, tb=True)
+    sbk = sbk + _rowsum(dbk_c * f32(k[0][:, c]))
+  da = -jnp.where(gates.strict, gram, 0.0)
+  dms = [None] + [-jnp.where(gates.strict, x, 0.0) for x in rw[1:]]
+  dbeta1 = _rowsum(da * raw[0]) + gates.gamma * sbk
+  for i in range(1, L):
+    dbeta1 = dbeta1 + _rowsum(dms[i] * raw[i])
+  dbeta[0] = dbeta[0] + dbeta1
+  dkd = [b1 * da * gates.decay] + [b1 * dm * gates.decay for dm in dms[1:]]  # dA, dM^l ⊙ D
+  dG = b1 * sbk * gates.gamma
+  dk = [[] for _ in range(L)]
+  for c in k_blocks:
+    k1 = f32(k[0][:, c])
+    dkk_k, dkkt_k = mm(dkd[0], k1, precision), mm(dkd[0], k1, precision, ta=True)
+    dk1 = f32(dk_state[0][:, c]) + dkk_k + dkkt_k + (b1 * gates.gamma) * dbk(c)
+    dG = dG + _rowsum(k1 * (dkk_k - dkkt_k))
+    for i in range(1, L):
+      kl = f32(k[i][:, c])
+      dkm_k, dkmt_k = mm(dkd[i], kl, precision), mm(dkd[i], k1, precision, ta=True)
+      dk1 = dk1 + dkm_k
+      dk[i].append(f32(dk_state[i][:, c]) + dkmt_k)
+      dG = dG + _rowsum(k1 * dkm_k) - _rowsum(kl * dkmt_k)
+    dk[0].append(dk1)
+  return dk, dv, tuple(dbeta), dG
+
+
 def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,
                 gates: ChunkGates, precision, solve=HIGHEST, saved=None) -> ChunkGrads:
   """Cotangents of one chunk's inputs given its incoming state S, the cotangent dS' of its
   outgoing state and dO, by reversing the forward formulas (recomputing U, Wk and X, or with
-  `saved` = ((I + A)⁻¹, U, Wk) of the forward only X).
+  `saved` = ((I + A)⁻¹, U, Wk) of the forward only X): `state_sums` over the whole chunk,
+  `state_side_grads`, then `wy_grads`.
 
   q [C, K] scaled; k, v, beta: L arrays [C, K], [C, V], [C, 1]; state, dstate [K, V];
   do [C, V].
   """
-  L = len(k)
   w = [b * vl for b, vl in zip(beta, v)]
-  b1 = beta[0]
-  intra = (intra_chunk(k, w, b1, gates, precision, solve) if saved is None
-           else intra_from_saved(k, *saved, gates, precision))
+  intra = (intra_chunk(k, w, beta[0], gates, precision, solve) if saved is None
+           else Intra(*saved[:1], None, None, None, None, *saved[1:]))
   x = intra.u - mm(intra.wk, state, precision)
   ys = (x, *w[1:])
-
-  # Output and outgoing-state terms: O = γ ⊙ QS + Σ P^l Y^l, S' = γ_C S + Σ (K^l ⊙ e)ᵀ Y^l.
-  dys, dk, psi = [], [], 0.0
-  dq = gates.gamma * mm(do, state, precision, tb=True)
-  dgamma = _rowsum(do * mm(q, state, precision))  # [C, 1]
-  de = jnp.zeros_like(gates.to_end)
-  for kl, yl in zip(k, ys):
-    qk = mm(q, kl, precision, tb=True)
-    p = jnp.where(gates.causal, qk * gates.decay, 0.0)
-    dp = jnp.where(gates.causal, mm(do, yl, precision, tb=True), 0.0)
-    dpd = dp * gates.decay
-    psi = psi + dp * p
-    dq = dq + mm(dpd, kl, precision)
-    ke = kl * gates.to_end
-    dys.append(mm(p, do, precision, ta=True) + mm(ke, dstate, precision))
-    yds = mm(yl, dstate, precision, tb=True)  # Y^l dS'ᵀ: [C, K]
-    dk.append(mm(dpd, q, precision, ta=True) + gates.to_end * yds)
-    de = de + _rowsum(kl * yds)
-  dgamma_last = jnp.sum(jnp.sum(state * dstate, axis=1, keepdims=True), axis=0, keepdims=True)
-
-  # X = U − Wk S with U = T rhs, Wk = T bk, T = (I + A)⁻¹: dA = −strict(dR Uᵀ + dBk Wkᵀ).
-  dx = dys[0]
-  dr = mm(intra.inv, dx, solve, ta=True)
-  dbk = -mm(intra.inv, mm(dx, state, precision, tb=True), solve, ta=True)
-  da = -jnp.where(gates.strict, mm(dr, intra.u, precision, tb=True)
-                  + mm(dbk, intra.wk, precision, tb=True), 0.0)
-  dw = [dr] + [dys[i] for i in range(1, L)]
-  dbeta1 = _rowsum(da * intra.a_raw)
-  psi = psi + b1 * da * intra.a_raw
-  dkk = b1 * da * gates.decay
-  dk[0] = dk[0] + mm(dkk, k[0], precision) + mm(dkk, k[0], precision, ta=True)
-  # rhs = W¹ − Σ_{l≥2} (β¹ ⊙ m_raw^l) W^l.
-  for i in range(1, L):
-    m_raw = intra.m_raw[i - 1]
-    dm = -jnp.where(gates.strict, mm(dr, w[i], precision, tb=True), 0.0)
-    dw[i] = dw[i] - mm(b1 * m_raw, dr, precision, ta=True)
-    dbeta1 = dbeta1 + _rowsum(dm * m_raw)
-    psi = psi + b1 * dm * m_raw
-    dkm = b1 * dm * gates.decay
-    dk[0] = dk[0] + mm(dkm, k[i], precision)
-    dk[i] = dk[i] + mm(dkm, k[0], precision, ta=True)
-  # bk = (β¹γ) ⊙ K¹.
-  dk[0] = dk[0] + (b1 * gates.gamma) * dbk
-  sbk = _rowsum(dbk * k[0])
-  dbeta1 = dbeta1 + gates.gamma * sbk
-  dgamma = dgamma + b1 * sbk
-
-  dv = tuple(b * dwl for b, dwl in zip(beta, dw))
-  dbeta = [_rowsum(dwl * vl) for dwl, vl in zip(dw, v)]
-  dbeta[0] = dbeta[0] + dbeta1
-
-  # Back to G: D_ij = e^{G_i − G_j}, γ_i = e^{G_i}, e_i = e^{G_C − G_i}, γ_C = γ at row C − 1.
-  C = psi.shape[0]
-  # Column sums as a column vector through the diagonal (no transpose of a row vector).
-  diag = _iota((C, C), 0) == _iota((C, C), 1)
-  colsum = _rowsum(jnp.where(diag, jnp.sum(psi, axis=0, keepdims=True), 0.0))
-  dG = _rowsum(psi) - colsum
-  dG = dG + dgamma * gates.gamma - de * gates.to_end
-  dG_last = jnp.sum(de * gates.to_end, axis=0, keepdims=True) + dgamma_last * gates.gamma_last
-  dG = dG + jnp.where(gates.is_last, dG_last, 0.0)
-  return ChunkGrads(dq, tuple(dk), dv, tuple(dbeta), dG)
+  dys = [local_dy(q, do, kl, gates, precision) + mm(kl * gates.to_end, dstate, precision)
+         for kl in k]
+  sums = state_sums(ys, dys[0], state, dstate, do, precision)
+  dq, dk_state, dG_state = state_side_grads(sums, q, k, gates, precision)
+  dk, dv, dbeta, dG = wy_grads(k, v, beta, intra.inv, intra.u, intra.wk, dys[0], sums.dxs,
+                               lambda i, c: dys[i + 1][:, c], dk_state, gates, precision, solve)
+  return ChunkGrads(dq, tuple(x[0] for x in dk), tuple(x[0] for x in dv), dbeta, dG_state + dG)
