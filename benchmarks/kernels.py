@@ -15,6 +15,7 @@ write of every output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -219,7 +220,8 @@ def stage_times(bs, shape, writes, solve=None, only=None):
   B, T, H, D = shape
   for L in writes:
     row = {"shape": f"B{B} T{T} H{H} K=V={D}", "L": L,
-           "tiling": (bs.block_v, bs.num_warps, bs.num_stages), "solve": solve or "default"}
+           "tiling": [getattr(bs, f) for f in bs.FIELDS], "warps": bs.kernel_warps,
+           "solve": solve or "default"}
     calls = stage_calls(bs, B, T, H, D, L, solve=solve and getattr(cm, solve.upper()))
     for name, (fn, args) in calls.items():
       if only and name not in only:
@@ -245,7 +247,11 @@ def main():
                            '(default: the one the kernels use)')
   parser.add_argument("--solves", default=None,
                       help=f"with --stages: precisions of the inverse to time, from {SOLVES}")
-  parser.add_argument("--only", default=None, help="with --stages: kernels to time, e.g. prepare")
+  parser.add_argument("--only", default=None,
+                      help="with --stages: kernels to time, e.g. inverse,wy_grads")
+  parser.add_argument("--warps", default=None,
+                      help='with --stages: per-kernel warps to time, e.g. '
+                           '"prism_inverse=2;prism_inverse=8,prism_output=8"')
   parser.add_argument("--json", default=None)
   parser.add_argument("--compile-check", default=None,
                       help='tilings to try, e.g. "64,4,2;32,4,1"; the first that compiles is '
@@ -271,6 +277,10 @@ def main():
     solves = a.solves.split(",") if a.solves else [None]
     if not set(solves) <= {None, *SOLVES}:
       parser.error(f"--solves takes names from {SOLVES}, got {a.solves!r}")
+    if a.warps:  # per-kernel warps on top of each tiling
+      tilings = [dataclasses.replace(bs, kernel_warps=tuple(
+          (name, int(n)) for name, n in (x.split("=") for x in group.split(","))))
+          for bs in tilings for group in a.warps.split(";")]
     for bs in tilings:
       for solve in solves:
         stage_times(bs, SHAPES[0], tuple(int(x) for x in a.writes.split(",")), solve,

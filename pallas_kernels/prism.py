@@ -127,14 +127,14 @@ def _run_kernels(q, k, v, beta, g, h0, segment_ids, *, scale, chunk, backend, in
 
 
 def gpu_block_sizes(chunk: int, interpret: bool):
-  """GPU tiling: PRISM_GPU_BLOCKS="block_v,num_warps,num_stages[,block_k[,grads_num_warps]]"
-  overrides the default (for tuning runs). Interpret mode splits V and K into blocks of 16 so
-  CPU tests cover the loops over value blocks and the key-block partial sums."""
+  """GPU tiling: PRISM_GPU_BLOCKS (the format of `BlockSizes.parse`) overrides the default, for
+  tuning runs. Interpret mode splits V and K into blocks of 16 (32 in the passes over chunks)
+  so CPU tests cover the loops over column blocks and the key-block partial sums."""
   from pallas_kernels.gpu.kernels import BlockSizes
   spec = os.environ.get("PRISM_GPU_BLOCKS")
   if spec:
     return BlockSizes.parse(spec, chunk)
-  return (BlockSizes(chunk=chunk, block_v=16, block_k=16) if interpret
+  return (BlockSizes(chunk=chunk, block_v=16, block_k=16, seq_block_v=32) if interpret
           else BlockSizes(chunk=chunk))
 
 

@@ -35,32 +35,35 @@ class BlockSizes:
   state-side gradient kernel; num_warps / num_stages: Triton launch parameters;
   seq_num_warps: warps of the two sequential passes over chunks (on the H200, B4 T4096 H16
   K=V=128: the state cotangent pass 1.76 ms with 8 warps, 2.50 ms with 4); grads_num_warps:
-  warps of the two gradient kernels, which keep the most tiles live (L C × C accumulators and
-  L + 2 of [C, block_k] in the state-side one)."""
+  warps of the two gradient kernels (measured there: state side 0.70 ms with 4, 1.06 with 8;
+  WY side 1.02 and 1.76); seq_block_v: value columns per program of the two passes over
+  chunks; kernel_warps: ((kernel name, warps), ...) overriding the above (tuning runs)."""
   chunk: int = 64
   block_v: int = 64
   num_warps: int = 4
   num_stages: int = 2
   block_k: int = 64
-  grads_num_warps: int = 8
+  grads_num_warps: int = 4
+  seq_block_v: int = 64
   seq_num_warps: int = 8
+  kernel_warps: tuple = ()
 
-  FIELDS = ("block_v", "num_warps", "num_stages", "block_k", "grads_num_warps")
+  FIELDS = ("block_v", "num_warps", "num_stages", "block_k", "grads_num_warps", "seq_block_v")
 
   @classmethod
   def parse(cls, spec: str, chunk: int = 64) -> "BlockSizes":
-    """From "block_v,num_warps,num_stages[,block_k[,grads_num_warps]]" (tuning runs)."""
+    """From "block_v,num_warps,num_stages[,block_k[,grads_num_warps[,seq_block_v]]]"."""
     try:
       fields = [int(x) for x in spec.split(",")]
       if not 3 <= len(fields) <= len(cls.FIELDS):
         raise ValueError
     except ValueError as err:
-      raise ValueError(f'GPU tiling must be "{",".join(cls.FIELDS[:3])}[,block_k'
-                       f'[,grads_num_warps]]" integers, got {spec!r}') from err
+      raise ValueError(f'GPU tiling must be "{",".join(cls.FIELDS[:3])}[,'
+                       f'{"[,".join(cls.FIELDS[3:])}{"]" * 3}" integers, got {spec!r}') from err
     return cls(chunk=chunk, **dict(zip(cls.FIELDS, fields)))
 
   def __post_init__(self):
-    for name in ("chunk", "block_v", "block_k"):
+    for name in ("chunk", "block_v", "block_k", "seq_block_v"):
       n = getattr(self, name)
       if n < 16 or n & (n - 1):
         raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {n}")
@@ -72,7 +75,7 @@ WARPS_FIELD = {"prism_state_forward": "seq_num_warps", "prism_state_backward": "
 
 
 def warps(bs: BlockSizes, name: str) -> int:
-  return getattr(bs, WARPS_FIELD.get(name, "num_warps"))
+  return dict(bs.kernel_warps).get(name, getattr(bs, WARPS_FIELD.get(name, "num_warps")))
 
 
 def _launch(name: str, bs: BlockSizes, interpret: bool) -> dict:
@@ -366,7 +369,7 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, bs: BlockSizes, precis
   later kernels read them only as product operands), final state [B,H,K,V] float32."""
   B, T, H, L, K = k.shape
   V, C = v.shape[-1], bs.chunk
-  BV = min(bs.block_v, V)
+  BV = min(bs.seq_block_v, V)
   ks, vs, betas, G_spec, seq_spec, rows_k, rows_v = _seq_specs(L, T, K, BV)
   state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
   h_spec = pl.BlockSpec((None, None, T // C * K, BV), lambda b, h, j: (b, h, 0, j))
@@ -431,7 +434,7 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, bs: BlockS
   (`local_dy`)."""
   B, T, H, L, K = k.shape
   V, C = do.shape[-1], bs.chunk
-  BV = min(bs.block_v, V)
+  BV = min(bs.seq_block_v, V)
   ks, _, _, G_spec, seq_spec, rows_k, rows_v = _seq_specs(1, T, K, BV)
   state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
   h_spec = pl.BlockSpec((None, None, T // C * K, BV), lambda b, h, j: (b, h, 0, j))

@@ -72,6 +72,15 @@ def _rowsum(x):
   return jnp.sum(x, axis=1, keepdims=True)  # [C, 1]
 
 
+def _row_minus_column_sums(psi):
+  """Σ_j Ψ_ij − Σ_j Ψ_ji as a column [C, 1]: the cotangent of G from that of the decay
+  D_ij = exp(G_i − G_j) (Ψ = dD ⊙ D). The column sums reach a column vector through the
+  diagonal (no transpose of a row vector, which not every kernel backend lowers)."""
+  C = psi.shape[0]
+  diag = _iota((C, C), 0) == _iota((C, C), 1)
+  return _rowsum(psi) - _rowsum(jnp.where(diag, jnp.sum(psi, axis=0, keepdims=True), 0.0))
+
+
 class ChunkGates(NamedTuple):
   """Decay factors and masks of one chunk (see module docstring)."""
   decay: jax.Array  # D on the causal same-sequence mask, 0 elsewhere: [C, C]
@@ -254,26 +263,25 @@ def state_side_grads(sums: StateSums, q, k: Sequence, gates: ChunkGates, precisi
 
     dQ   = γ ⊙ dO Sᵀ + Σ_l (dP^l ⊙ D) K^l,      dP^l = causal(dO Y^lᵀ)
     dK^l = (dP^l ⊙ D)ᵀ Q + e ⊙ Y^l dS'ᵀ
-    dG   = Σ_l [rowsum(Q ⊙ (dP^l ⊙ D) K^l) − rowsum(K^l ⊙ (dP^l ⊙ D)ᵀ Q)]
-           + γ ⊙ rowsum(Q ⊙ dO Sᵀ) − e ⊙ Σ_l rowsum(K^l ⊙ Y^l dS'ᵀ)  (+ G_C terms, last row)
+    dG   = rowsum(Ψ) − colsum(Ψ) + γ ⊙ rowsum(Q ⊙ dO Sᵀ) − e ⊙ Σ_l rowsum(K^l ⊙ Y^l dS'ᵀ)
+           (+ G_C terms on the last row),   Ψ = Σ_l (dP^l ⊙ D) ⊙ (Q K^lᵀ)
 
-  The first dG line is Σ_j Ψ_ij − Σ_j Ψ_ji of Ψ = Σ dP^l ⊙ P^l written through the products
-  already formed (Ψ_ij = (dP^l ⊙ D)_ij q_i·k_j), so no C × C Ψ or its column sums are needed.
-  Returns (dq, dk tuple, dG [C, 1]).
+  Ψ is formed elementwise in float32 (its key-block parts add up): written through the bf16
+  products (dP^l ⊙ D) K^l instead, the difference of its row and column sums lost a factor 2 of
+  dg's accuracy to cancellation. Returns (dq, dk tuple, dG [C, 1]).
   """
   dq = gates.gamma * sums.dos
   dG = gates.gamma * _rowsum(q * sums.dos)
   de = jnp.zeros_like(gates.to_end)
   dk = []
+  psi = 0.0
   for kl, doy, yds in zip(k, sums.doy, sums.yds):
     dpd = jnp.where(gates.causal, doy, 0.0) * gates.decay
-    dq_l = mm(dpd, kl, precision)
-    dk_l = mm(dpd, q, precision, ta=True)
-    dq = dq + dq_l
-    dk.append(dk_l + gates.to_end * yds)
-    dG = dG + _rowsum(q * dq_l) - _rowsum(kl * dk_l)
+    dq = dq + mm(dpd, kl, precision)
+    dk.append(mm(dpd, q, precision, ta=True) + gates.to_end * yds)
+    psi = psi + dpd * mm(q, kl, precision, tb=True)
     de = de + _rowsum(kl * yds)
-  dG = dG - de * gates.to_end
+  dG = dG + _row_minus_column_sums(psi) - de * gates.to_end
   last = jnp.sum(de * gates.to_end, axis=0, keepdims=True) + sums.sds * gates.gamma_last
   return dq, tuple(dk), dG + jnp.where(gates.is_last, last, 0.0)
 
@@ -288,8 +296,8 @@ def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, 
     dR = Tᵀ dX,   dBk = −Tᵀ (dX Sᵀ),   dA = −strict(dR Uᵀ + dBk Wkᵀ)
     dW¹ = dR,   dW^l = dY^l − (β¹ ⊙ M^l_raw)ᵀ dR,   dM^l = −strict(dR W^lᵀ)
 
-  then the key, β and G terms of A = β¹ ⊙ strict(K¹K¹ᵀ ⊙ D), M^l and Bk = β¹γ ⊙ K¹ (dG as in
-  `state_side_grads`, through the key products of dA and dM^l).
+  then the key, β and G terms of A = β¹ ⊙ strict(K¹K¹ᵀ ⊙ D), M^l and Bk = β¹γ ⊙ K¹ (dG from
+  Ψ = β¹ ⊙ (dA ⊙ A_raw + Σ dM^l ⊙ M^l_raw), as in `state_side_grads`).
 
   k, v (L each), u, wk, dx: dX [C, V], dxs: dX Sᵀ [C, K] and dk_state (the state-side dK^l to
   add to) are arrays or Pallas refs, read one column block (v_blocks / k_blocks: slices of the
@@ -331,19 +339,18 @@ def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, 
     dbeta1 = dbeta1 + _rowsum(dms[i] * raw[i])
   dbeta[0] = dbeta[0] + dbeta1
   dkd = [b1 * da * gates.decay] + [b1 * dm * gates.decay for dm in dms[1:]]  # dA, dM^l ⊙ D
-  dG = b1 * sbk * gates.gamma
+  psi = b1 * da * raw[0]
+  for i in range(1, L):
+    psi = psi + b1 * dms[i] * raw[i]
+  dG = _row_minus_column_sums(psi) + b1 * sbk * gates.gamma
   dk = [[] for _ in range(L)]
   for c in k_blocks:
     k1 = f32(k[0][:, c])
     dkk_k, dkkt_k = mm(dkd[0], k1, precision), mm(dkd[0], k1, precision, ta=True)
     dk1 = f32(dk_state[0][:, c]) + dkk_k + dkkt_k + (b1 * gates.gamma) * dbk(c)
-    dG = dG + _rowsum(k1 * (dkk_k - dkkt_k))
     for i in range(1, L):
-      kl = f32(k[i][:, c])
-      dkm_k, dkmt_k = mm(dkd[i], kl, precision), mm(dkd[i], k1, precision, ta=True)
-      dk1 = dk1 + dkm_k
-      dk[i].append(f32(dk_state[i][:, c]) + dkmt_k)
-      dG = dG + _rowsum(k1 * dkm_k) - _rowsum(kl * dkmt_k)
+      dk1 = dk1 + mm(dkd[i], k[i][:, c], precision)
+      dk[i].append(f32(dk_state[i][:, c]) + mm(dkd[i], k1, precision, ta=True))
     dk[0].append(dk1)
   return dk, dv, tuple(dbeta), dG
 
