@@ -151,16 +151,19 @@ def peak_memory():
 
 def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16, solve=None):
   """Each GPU kernel alone as a jitted function with concrete inputs, in the order the
-  custom_vjp runs them: {name: (fn, args)}. solve: precision of the (I + A)⁻¹ products
-  (default: what the kernels use for `dtype`)."""
+  custom_vjp runs them: {name: (fn, args)}. solve: precision of the products inside the
+  inverse kernel and of those applying it (default: what the kernels use for `dtype`)."""
   from pallas_kernels.gpu import kernels as gk
-  from pallas_kernels.gpu.prism import operand_precision, solve_precision, store_dtype
+  from prism_jax.ops import chunk_math as cm
+  from pallas_kernels.gpu.prism import operand_precision, store_dtype
   from pallas_kernels.prism import kernel_inputs
   (q, k, v, beta, g), do = make_inputs(B, T, H, D, L, seed, dtype)
   G, seq, prev = kernel_inputs(g, None, B, T, CHUNK)
   kw = dict(bs=bs, precision=operand_precision(dtype), interpret=interpret)
   store = dict(store_dtype=store_dtype(dtype))
-  solve = dict(solve=solve_precision(dtype, interpret) if solve is None else solve)
+  # Default: float32 products inside the inverse, the operand precision where it is applied.
+  inv_solve = dict(solve=cm.HIGHEST if solve is None else solve)
+  solve = dict(solve=kw["precision"] if solve is None else solve)
   f32 = lambda *shape: jnp.zeros(shape, jnp.float32)
   rows, stored = f32(B, T, H, D), f32(B, T, H, D).astype(store["store_dtype"])
   state = f32(B, H, D, D)
@@ -169,7 +172,7 @@ def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16, 
   call = lambda fn, *extra: jax.jit(lambda *a: fn(*a, **kw, **{k: v for d in extra
                                                              for k, v in d.items()}))
   return {
-      "inverse": (call(gk.inverse, solve), (k, beta, G, seq)),
+      "inverse": (call(gk.inverse, inv_solve), (k, beta, G, seq)),
       "apply_inverse": (call(gk.apply_inverse, solve, store),
                         (k, v, beta, G, seq, prev, f32(B, T, H, CHUNK))),
       "state_forward": (call(gk.state_forward, store),

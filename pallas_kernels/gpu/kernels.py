@@ -94,10 +94,26 @@ def _gates(G_ref, seq_ref, prev_ref, sl=slice(None)):
   return cm.chunk_gates(G[:, None], G[None, :], seq[:, None], seq[None, :], prev_ref[sl][:, None])
 
 
-def _end_gates(G_ref, seq_ref, prev_ref, sl):
-  """`_gates` without the C × C decay and masks (None): what the passes over chunks read."""
-  col = lambda ref: ref[sl].astype(jnp.float32)[:, None]
-  return cm.ChunkGates(None, None, None, *cm.end_gates(col(G_ref), col(seq_ref), col(prev_ref)))
+def _pass_gates(gamma_ref, to_end_ref, n, C):
+  """γ, e and γ_C of chunk n for the passes over chunks, loaded from `pass_gates`' arrays (no
+  reduction on the serial chain); the C × C decay and masks are None."""
+  gamma = gamma_ref[pl.ds(n * C, C)][:, None]
+  gamma_last = gamma_ref[pl.ds(n * C + C - 1, 1)][:, None]
+  return cm.ChunkGates(None, None, None, gamma, to_end_ref[pl.ds(n * C, C)][:, None],
+                       gamma_last, None)
+
+
+def pass_gates(G, seq, prev, C):
+  """γ_i (the incoming state's decay at i, 0 after a sequence start in the chunk) and
+  e_i = exp(G_C − G_i) (0 outside the chunk's last sequence), [B, T, H] float32: `cm.end_gates`
+  on whole arrays, in XLA, for the two passes over chunks."""
+  B, T, H = G.shape
+  G = G.reshape(B, T // C, C, H)
+  seq = seq.reshape(B, T // C, C)[..., None]
+  prev = prev.reshape(B, T // C, C)[..., None]
+  gamma = jnp.exp(jnp.where(seq == prev, G, -jnp.inf))  # exponent masked before exp
+  to_end = jnp.exp(jnp.where(seq == seq[:, :, -1:], G[:, :, -1:] - G, -jnp.inf))
+  return gamma.reshape(B, T, H), to_end.reshape(B, T, H)
 
 
 # Kernel bodies.
@@ -162,14 +178,14 @@ def _apply_kernel(*refs, L, precision, solve):
 
 def _state_forward_kernel(*refs, L, C, precision):
   (k_refs, v_refs, beta_refs,
-   (G_ref, seq_ref, prev_ref, u_ref, wk_ref, h0_ref, h_ref, x_ref, hT_ref)) = cm.split_refs(
-       refs, (L, L, L, 9))
+   (gamma_ref, to_end_ref, u_ref, wk_ref, h0_ref, h_ref, x_ref, hT_ref)) = cm.split_refs(
+       refs, (L, L, L, 8))
   K = k_refs[0].shape[-1]
   N = u_ref.shape[0] // C
 
   def body(n, state):
     sl = pl.ds(n * C, C)
-    gates = _end_gates(G_ref, seq_ref, prev_ref, sl)
+    gates = _pass_gates(gamma_ref, to_end_ref, n, C)
     k = [r[sl, :] for r in k_refs]
     w = [_col(b[sl]) * r[sl, :].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
     h_ref[pl.ds(n * K, K), :] = state.astype(h_ref.dtype)
@@ -201,7 +217,7 @@ def _local_dy_kernel(*refs, L, scale, precision):
     out_ref[...] = cm.local_dy(q, do, k_ref[...], gates, precision) * scale
 
 
-def _state_backward_kernel(q_ref, k1_ref, G_ref, seq_ref, prev_ref, wk_ref, do_ref, local_ref,
+def _state_backward_kernel(q_ref, k1_ref, gamma_ref, to_end_ref, wk_ref, do_ref, local_ref,
                            dhT_ref, dh_ref, dx_ref, dh0_ref, *, C, scale, precision):
   K = k1_ref.shape[-1]
   N = wk_ref.shape[0] // C
@@ -209,13 +225,12 @@ def _state_backward_kernel(q_ref, k1_ref, G_ref, seq_ref, prev_ref, wk_ref, do_r
   def body(i, dstate):
     n = N - 1 - i
     sl = pl.ds(n * C, C)
-    gates = _end_gates(G_ref, seq_ref, prev_ref, sl)
+    gates = _pass_gates(gamma_ref, to_end_ref, n, C)
     dh_ref[pl.ds(n * K, K), :] = dstate.astype(dh_ref.dtype)
-    q = q_ref[sl, :].astype(jnp.float32) * scale
+    # q and k¹ go to the products as loaded: (scale γ ⊙ q)ᵀ dO = qᵀ (scale γ ⊙ dO).
     dstate, dx = cm.state_cotangent_from_local(
-        dstate, q, do_ref[sl, :].astype(jnp.float32), wk_ref[sl, :],
-        k1_ref[sl, :].astype(jnp.float32), local_ref[sl, :], gates.gamma, gates.to_end,
-        gates.gamma_last, precision)
+        dstate, q_ref[sl, :], do_ref[sl, :].astype(jnp.float32), wk_ref[sl, :], k1_ref[sl, :],
+        local_ref[sl, :], gates.gamma * scale, gates.to_end, gates.gamma_last, precision)
     dx_ref[sl, :] = dx
     return dstate
 
@@ -301,13 +316,14 @@ def _block_v(bs: BlockSizes, V: int) -> int:
 
 
 def prepare(k, v, beta, G, seq, prev, *, bs: BlockSizes, precision, interpret,
-            solve=cm.HIGHEST, store_dtype=jnp.float32):
+            store_dtype=jnp.float32):
   """U [B,T,H,V] float32, Wk [B,T,H,K] in store_dtype (it is only ever a product operand) and
-  the rows of every chunk's (I + A)⁻¹ [B,T,H,C] float32: `inverse`, then `apply_inverse`.
-  solve: precision of the (I + A)⁻¹ products."""
-  kw = dict(bs=bs, precision=precision, interpret=interpret, solve=solve)
-  inv = inverse(k, beta, G, seq, **kw)
-  u, wk = apply_inverse(k, v, beta, G, seq, prev, inv, store_dtype=store_dtype, **kw)
+  the rows of every chunk's (I + A)⁻¹ [B,T,H,C] float32: `inverse` in float32 products,
+  then `apply_inverse` at `precision`."""
+  kw = dict(bs=bs, precision=precision, interpret=interpret)
+  inv = inverse(k, beta, G, seq, solve=cm.HIGHEST, **kw)
+  u, wk = apply_inverse(k, v, beta, G, seq, prev, inv, store_dtype=store_dtype, solve=precision,
+                        **kw)
   return u, wk, inv
 
 
@@ -370,19 +386,19 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, bs: BlockSizes, precis
   B, T, H, L, K = k.shape
   V, C = v.shape[-1], bs.chunk
   BV = min(bs.seq_block_v, V)
-  ks, vs, betas, G_spec, seq_spec, rows_k, rows_v = _seq_specs(L, T, K, BV)
+  ks, vs, betas, G_spec, _, rows_k, rows_v = _seq_specs(L, T, K, BV)
   state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
   h_spec = pl.BlockSpec((None, None, T // C * K, BV), lambda b, h, j: (b, h, 0, j))
   return pl.pallas_call(
       functools.partial(_state_forward_kernel, L=L, C=C, precision=precision),
       grid=(B, H, V // BV),
-      in_specs=[*ks, *vs, *betas, G_spec, seq_spec, seq_spec, rows_v, rows_k, state_spec],
+      in_specs=[*ks, *vs, *betas, G_spec, G_spec, rows_v, rows_k, state_spec],
       out_specs=[h_spec, rows_v, state_spec],
       out_shape=[jax.ShapeDtypeStruct((B, H, T // C * K, V), store_dtype),
                  jax.ShapeDtypeStruct((B, T, H, V), store_dtype),
                  jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
       **_launch("prism_state_forward", bs, interpret),
-  )(*([k] * L), *([v] * L), *([beta] * L), G, seq, prev, u, wk, h0)
+  )(*([k] * L), *([v] * L), *([beta] * L), *pass_gates(G, seq, prev, C), u, wk, h0)
 
 
 def output(q, k, v, beta, G, seq, prev, x, h, *, scale, bs: BlockSizes, precision, interpret):
@@ -435,19 +451,19 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, bs: BlockS
   B, T, H, L, K = k.shape
   V, C = do.shape[-1], bs.chunk
   BV = min(bs.seq_block_v, V)
-  ks, _, _, G_spec, seq_spec, rows_k, rows_v = _seq_specs(1, T, K, BV)
+  ks, _, _, G_spec, _, rows_k, rows_v = _seq_specs(1, T, K, BV)
   state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
   h_spec = pl.BlockSpec((None, None, T // C * K, BV), lambda b, h, j: (b, h, 0, j))
   return pl.pallas_call(
       functools.partial(_state_backward_kernel, C=C, scale=scale, precision=precision),
       grid=(B, H, V // BV),
-      in_specs=[rows_k, ks[0], G_spec, seq_spec, seq_spec, rows_k, rows_v, rows_v, state_spec],
+      in_specs=[rows_k, ks[0], G_spec, G_spec, rows_k, rows_v, rows_v, state_spec],
       out_specs=[h_spec, rows_v, state_spec],
       out_shape=[jax.ShapeDtypeStruct((B, H, T // C * K, V), store_dtype),
                  jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
                  jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
       **_launch("prism_state_backward", bs, interpret),
-  )(q, k, G, seq, prev, wk, do, local1, dhT)
+  )(q, k, *pass_gates(G, seq, prev, C), wk, do, local1, dhT)
 
 
 def _grad_specs(L, C, K, V, BK, H):
@@ -475,7 +491,7 @@ def _grad_specs(L, C, K, V, BK, H):
 
 
 def grads(q, k, v, beta, G, seq, prev, inv, u, wk, x, h, dh, dx, local, do, *, scale,
-          bs: BlockSizes, precision, interpret, solve=cm.HIGHEST):
+          bs: BlockSizes, precision, interpret):
   """Cotangents dq [B,T,H,K] (q's dtype), L × dk (k's dtype), L × dv (v's dtype), L × dβ
   (β's dtype), dG [B,T,H] float32: `state_grads`, then `wy_grads`. inv, u, wk, x, h: what the
   forward saved; dh, dx: what `state_backward` returned; local: `local_dy`'s."""
@@ -483,7 +499,7 @@ def grads(q, k, v, beta, G, seq, prev, inv, u, wk, x, h, dh, dx, local, do, *, s
   dq, dk_state, dxs, dG_state = state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do,
                                             scale=scale, **kw)
   dk, dv, dbeta, dG = wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local,
-                               dk_state, solve=solve, **kw)
+                               dk_state, solve=precision, **kw)
   return dq, dk, dv, dbeta, dG + dG_state
 
 

@@ -15,9 +15,15 @@ from pallas_kernels.gpu.kernels import BlockSizes
 
 
 def operand_precision(dtype):
-  """Products outside the (I + A)⁻¹ solve: with bf16 (or float16) inputs both operands are
-  rounded to bf16 and accumulated in float32 (the tensor cores' full rate, half the on-chip
-  operand memory of TF32); float32 inputs get float32 products."""
+  """Every product but those inside the (I + A)⁻¹ kernel (which are float32, HIGHEST, as the
+  spec asks of the solve): with bf16 (or float16) inputs both operands are rounded to bf16 and
+  accumulated in float32 — the tensor cores' full rate and half the on-chip operand memory of
+  TF32 — including the inverse where U, Wk and their cotangents apply it (as
+  flash-linear-attention does); float32 inputs get float32 products. On the H200 (B4 T4096 H16
+  K=V=128, L = 1) the inverse took 0.48 ms with float32 products against 0.83 with three TF32
+  products, and applying it 0.35 ms with bf16 operands against 0.59 with TF32×3 (the WY
+  gradient kernel 0.89 against 1.14); in interpret-mode tests the bf16 application added
+  0.2–0.5e-3 to relative errors of about 3e-3 (benchmarks/RESULTS.md)."""
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else cm.BF16
 
 
@@ -26,14 +32,6 @@ def store_dtype(dtype):
   entering each chunk and their cotangents, X, Wk): bf16 under `operand_precision`'s rounding,
   which would round them anyway, else float32. The state itself stays float32 on chip."""
   return jnp.float32 if jnp.dtype(dtype) == jnp.float32 else jnp.bfloat16
-
-
-def solve_precision(dtype, interpret: bool):
-  """Precision of the (I + A)⁻¹ products: float32 on CUDA cores for float32 inputs and in
-  interpret mode; three TF32 tensor-core products (float32-level accuracy) for bf16 inputs."""
-  if interpret or jnp.dtype(dtype) == jnp.float32:
-    return cm.HIGHEST
-  return cm.TF32X3
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
@@ -52,8 +50,7 @@ def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interp
 def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
   kw = dict(bs=bs, precision=operand_precision(q.dtype), interpret=interpret)
   store = store_dtype(q.dtype)
-  u, wk, inv = kernels.prepare(k, v, beta, G, seq, prev, store_dtype=store,
-                               solve=solve_precision(q.dtype, interpret), **kw)
+  u, wk, inv = kernels.prepare(k, v, beta, G, seq, prev, store_dtype=store, **kw)
   h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, store_dtype=store, **kw)
   o = kernels.output(q, k, v, beta, G, seq, prev, x, h, scale=scale, **kw)
   return o, hT, (q, k, v, beta, G, seq, prev, inv, u, wk, x, h)
@@ -73,8 +70,7 @@ def _bwd(scale, bs, interpret, res, cotangents):
                                        dhT.astype(jnp.float32), store_dtype=store_dtype(q.dtype),
                                        **kw)
   dq, dk, dv, dbeta, dG = kernels.grads(q, k, v, beta, G, seq, prev, inv, u, wk, x, h, dh, dx,
-                                        local, do, solve=solve_precision(q.dtype, interpret),
-                                        **kw)
+                                        local, do, **kw)
   return (dq, jnp.stack(dk, axis=3), jnp.stack(dv, axis=3), jnp.stack(dbeta, axis=3), dG,
           jnp.zeros_like(seq), jnp.zeros_like(prev), dh0)
 

@@ -187,8 +187,8 @@ def _raw_keys(k1, kl, gates: ChunkGates, precision):
 def next_state(state, x, k: Sequence, w: Sequence, gates: ChunkGates, precision):
   """S' = γ_C S + (K¹ ⊙ e)ᵀ X + Σ_{l≥2} (K^l ⊙ e)ᵀ W^l; state [K, V], x and w [C, V]."""
   new = gates.gamma_last * state
-  for kl, yl in zip(k, (x, *w[1:])):
-    new = new + mm(kl * gates.to_end, yl, precision, ta=True)
+  for kl, yl in zip(k, (x, *w[1:])):  # e scales the [C, V] side; keys stay as loaded
+    new = new + mm(kl, gates.to_end * yl, precision, ta=True)
   return new
 
 
@@ -220,8 +220,8 @@ def state_cotangent_from_local(dstate, q, do, wk, k1, local, gamma, to_end, gamm
                                precision):
   """`state_cotangent_step` given local = `local_dy` of K¹ (computed apart, in parallel); returns
   (dS, dX)."""
-  dx = local + mm(k1 * to_end, dstate, precision)
-  return (gamma_last * dstate + mm(gamma * q, do, precision, ta=True)
+  dx = local + to_end * mm(k1, dstate, precision)  # e and γ scale the [C, V] sides
+  return (gamma_last * dstate + mm(q, gamma * do, precision, ta=True)
           - mm(wk, dx, precision, ta=True)), dx
 
 
