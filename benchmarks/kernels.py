@@ -240,6 +240,9 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--quick", action="store_true",
                       help="first shape, L = 1 and 2 only, no memory run")
+  parser.add_argument("--full", action="store_true",
+                      help="every shape and L and the memory row (the default without --quick; "
+                           "names it where a script passes arguments)")
   parser.add_argument("--skip-naive", action="store_true")
   parser.add_argument("--memory", action="store_true")
   parser.add_argument("--stages", action="store_true",

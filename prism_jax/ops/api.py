@@ -92,12 +92,29 @@ def check_chunk_size(chunk_size) -> None:
     raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size!r}")
 
 
-def resolve_impl(impl: str) -> str:
-  """Map "auto" to the fastest implementation available on the default backend."""
+def resolve_impl(impl: str, q=None, v=None, chunk_size: int = 64) -> str:
+  """Map "auto" to the fastest implementation measured for these inputs on the default backend.
+
+  "pallas" where it was measured faster: one GPU, bf16/float16 inputs the compiled kernels take
+  (on the H200, B4 T4096 H16 K=V=128: 1.00 / 3.08 ms forward / forward+backward at L = 1 and
+  1.29 / 5.34 at L = 2, against 4.72 / 10.26 and 5.68 / 12.57 for "chunk";
+  benchmarks/RESULTS.md). "chunk" everywhere else: float32 inputs (the kernels' float32
+  products were not timed), TPU (its kernels are verified in interpret mode only), and several
+  devices, where the kernels' custom calls would not be partitioned along the batch.
+  """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   if impl != "auto":
     return impl
+  if (q is None or jax.default_backend() != "gpu" or jax.device_count() != 1
+      or jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
+    return "chunk"
+  try:
+    from pallas_kernels import unsupported_reason  # type: ignore[attr-defined]
+  except ImportError:
+    return "chunk"
+  if unsupported_reason(q, v, chunk_size, backend="gpu", interpret=False) is None:
+    return "pallas"
   return "chunk"
 
 
@@ -134,7 +151,7 @@ def prism_recurrence(q, k, v, beta, g, *, initial_state=None, output_final_state
   """
   check_inputs(q, k, v, beta, g, initial_state, segment_ids)
   check_chunk_size(chunk_size)
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, q, v, chunk_size)
   kwargs = dict(initial_state=initial_state, output_final_state=output_final_state,
                 segment_ids=segment_ids, scale=scale)
   if impl == "naive":

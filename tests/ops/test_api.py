@@ -59,3 +59,19 @@ def test_step_validation(inputs):
     prism_step(q, k, v, beta, g, jnp.swapaxes(s0, -1, -2))
   with pytest.raises(ValueError, match=r"g must have rank 2 \[B, H\]"):
     prism_step(q, k, v, beta, g[..., None], s0)
+
+
+def test_auto_picks_the_kernels_only_where_they_were_measured_faster(monkeypatch):
+  from prism_jax.ops import resolve_impl
+  x = lambda K, L, dtype: (jnp.zeros((1, 8, 1, K), dtype), jnp.zeros((1, 8, 1, L, K), dtype))
+  assert resolve_impl("auto", *x(64, 2, jnp.bfloat16)) == "chunk"  # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert resolve_impl("auto", *x(64, 2, jnp.bfloat16)) == "pallas"
+  assert resolve_impl("auto", *x(96, 3, jnp.bfloat16)) == "pallas"  # padded to 128
+  assert resolve_impl("auto", *x(64, 2, jnp.float32)) == "chunk"  # not timed
+  assert resolve_impl("auto", *x(64, 5, jnp.bfloat16)) == "chunk"  # the kernels take L <= 4
+  assert resolve_impl("auto", *x(64, 2, jnp.bfloat16), chunk_size=128) == "chunk"
+  assert resolve_impl("chunk", *x(64, 2, jnp.bfloat16)) == "chunk"
+  monkeypatch.setattr(jax, "device_count", lambda: 2)  # the custom calls are not partitioned
+  assert resolve_impl("auto", *x(64, 2, jnp.bfloat16)) == "chunk"
