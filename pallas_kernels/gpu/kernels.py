@@ -2,17 +2,22 @@
 
 Arrays keep the caller's layout ([B, T, H, ...]); a BlockSpec with squeezed batch and head axes
 gives each program one head's rows. All kernels take T a multiple of the chunk C and K, V
-powers of two ≥ 16 (the public wrapper pads). Five stages, as in the chunked Gated DeltaNet:
+powers of two ≥ 16 (the public wrapper pads). Eight kernels, as in the chunked Gated DeltaNet:
 
-  prepare       (B·H, N) then (B·H, N, V/BV) parallel: (I + A)⁻¹ of every chunk, then U, Wk
-  state_forward (B, H, V/BV): sequential over chunks; state [K, BV] float32 in registers;
-                saves the state entering every chunk and the new values X = U − Wk S
-  output        (B·H, N, V/BV) parallel: O from Q, the saved state and X
-  state_backward(B·H, N, V/BV) parallel: the state-independent part of dX, then
-                (B, H, V/BV): reverse pass for the state cotangents (the cotangent of the
-                state leaving every chunk is saved; dS₀ is the initial-state gradient)
-  grads         (B·H, N, V/BV) parallel: every input cotangent of a chunk from S, dS', dO and
-                the chunk's saved (I + A)⁻¹, U and Wk
+  inverse        (B·H, N): (I + A)⁻¹ of every chunk in 16 × 16 blocks, float32 products
+  apply_inverse  (B·H, N, V/BV): U = (I + A)⁻¹ R; Wk = (I + A)⁻¹ Bk in value block 0
+  state_forward  (B, H, V/BV): sequential over chunks, state [K, BV] float32 in registers;
+                 saves the state entering every chunk and the new values X = U − Wk S
+  output         (B·H, N, V/BV): O from Q, the saved state and X
+  local_dy       (B·H, N, V/BV): P^lᵀ dO of every write (dY^l less its state term)
+  state_backward (B, H, V/BV): reverse pass for the state cotangents; saves the cotangent of
+                 the state leaving every chunk and dX, returns dS₀
+  state_grads    (B·H, N, K/BK): dQ, the output/state terms of dK^l, dX Sᵀ (value blocks
+                 summed inside)
+  wy_grads       (B·H, N): the cotangents through (I + A)⁻¹ (columns in blocks inside)
+
+`prepare`, `state_forward`, `output` make the forward; `local_dy`, `state_backward`, `grads`
+the backward (gpu/prism.py chains them under one custom_vjp).
 """
 
 from __future__ import annotations
@@ -167,7 +172,7 @@ def _apply_kernel(*refs, L, precision, solve):
   gates = _gates(G_ref, seq_ref, prev_ref)
   k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ stays a bf16 product for bf16
   w = [_col(b[...]) * r[...].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
-  rhs, _, bk = cm.right_hand_sides(k, w, _col(beta_refs[0][...]), gates, precision)
+  rhs, bk = cm.right_hand_sides(k, w, _col(beta_refs[0][...]), gates, precision)
   inv = inv_ref[...]
   u_ref[...] = cm.mm(inv, rhs, solve)
 
@@ -290,12 +295,20 @@ def _wy_grads_kernel(*refs, L, BK, BV, precision, solve):
 # G [B,T,H] float32, seq / prev [B,T] float32, states [B,H,K,V] float32. The chunk-parallel
 # kernels run on the grid (B·H, N, V/BV) (Triton grids have at most three axes).
 
+def _rows_spec(H, C, width, axis_of_block):
+  """BlockSpec of one chunk's rows [C, width] of a [B, T, H, W] array on a grid (B·H, N, ...):
+  columns block `axis_of_block` of the grid (2), or all columns (None)."""
+  def index(bh, n, *rest):
+    return (bh // H, n, bh % H, rest[0] if axis_of_block == 2 else 0)
+  return pl.BlockSpec((None, C, None, width), index)
+
+
 def _chunk_specs(L, C, K, BV, H):
   """BlockSpecs of one chunk and one value block for q, the L keys, values and gates, G, seq,
   rows of width K and of width BV, and the [K, BV] block of the state entering the chunk."""
   at = lambda f: (lambda bh, n, j: f(bh // H, bh % H, n, j))
   return dict(
-      q=pl.BlockSpec((None, C, None, K), at(lambda b, h, n, j: (b, n, h, 0))),
+      q=_rows_spec(H, C, K, None),
       k=[pl.BlockSpec((None, C, None, None, K), at(lambda b, h, n, j, l=l: (b, n, h, l, 0)))
          for l in range(L)],
       v=[pl.BlockSpec((None, C, None, None, BV), at(lambda b, h, n, j, l=l: (b, n, h, l, j)))
@@ -304,9 +317,9 @@ def _chunk_specs(L, C, K, BV, H):
             for l in range(L)],
       G=pl.BlockSpec((None, C, None), at(lambda b, h, n, j: (b, n, h))),
       seq=pl.BlockSpec((None, C), at(lambda b, h, n, j: (b, n))),
-      rows_k=pl.BlockSpec((None, C, None, K), at(lambda b, h, n, j: (b, n, h, 0))),
-      rows_v=pl.BlockSpec((None, C, None, BV), at(lambda b, h, n, j: (b, n, h, j))),
-      rows_c=pl.BlockSpec((None, C, None, C), at(lambda b, h, n, j: (b, n, h, 0))),
+      rows_k=_rows_spec(H, C, K, None),
+      rows_v=_rows_spec(H, C, BV, 2),
+      rows_c=_rows_spec(H, C, C, None),
       h=pl.BlockSpec((None, None, K, BV), at(lambda b, h, n, j: (b, h, n, j))),
   )
 
@@ -416,14 +429,6 @@ def output(q, k, v, beta, G, seq, prev, x, h, *, scale, bs: BlockSizes, precisio
       out_shape=jax.ShapeDtypeStruct((B, T, H, V), q.dtype),
       **_launch("prism_output", bs, interpret),
   )(q, *([k] * L), *([v] * L), *([beta] * L), G, seq, prev, x, h)
-
-
-def _rows_spec(H, C, width, axis_of_block):
-  """BlockSpec of one chunk's rows [C, width] of a [B, T, H, W] array on a grid (B·H, N, ...):
-  columns block `axis_of_block` of the grid (2), or all columns (None)."""
-  def index(bh, n, *rest):
-    return (bh // H, n, bh % H, rest[0] if axis_of_block == 2 else 0)
-  return pl.BlockSpec((None, C, None, width), index)
 
 
 def local_dy(q, k, G, seq, prev, do, *, scale, bs: BlockSizes, precision, interpret):

@@ -14,7 +14,9 @@ keys (K¹ also erases), W^l = β^l ⊙ δ^l, Q = scale · q and S the incoming s
     S'   = γ_C S + Σ_l (K^l ⊙ e)ᵀ Y^l
 
 `chunk_grads` is the hand-derived reverse of these formulas (derived in
-`pallas_kernels/README.md`).
+`pallas_kernels/README.md`): `state_sums` and `state_side_grads` (what contracts over value
+columns against the state: the GPU's state-side gradient kernel), then `wy_grads` (the
+cotangents through (I + A)⁻¹: its WY kernel).
 Column vectors are [C, 1], row vectors [1, C], per-chunk scalars [1, 1].
 """
 
@@ -148,35 +150,26 @@ def unit_lower_inverse(a, solve=HIGHEST):
 class Intra(NamedTuple):
   """Per-chunk quantities that do not depend on the incoming state."""
   inv: jax.Array  # (I + A)⁻¹: [C, C]
-  a_raw: jax.Array  # strict((K¹K¹ᵀ) ⊙ D), so A = β¹ ⊙ a_raw: [C, C]
-  m_raw: tuple  # strict((K¹K^lᵀ) ⊙ D) for l ≥ 2: [C, C] each
-  rhs: jax.Array  # W¹ − Σ M^l W^l: [C, V]
-  bk: jax.Array  # β¹γ ⊙ K¹: [C, K]
-  u: jax.Array  # [C, V]
-  wk: jax.Array  # [C, K]
+  u: jax.Array  # U = (I + A)⁻¹ (W¹ − Σ M^l W^l): [C, V]
+  wk: jax.Array  # Wk = (I + A)⁻¹ (β¹γ ⊙ K¹): [C, K]
 
 
 def intra_chunk(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision,
                 solve=HIGHEST) -> Intra:
-  """U and Wk of one chunk. k: L arrays [C, K]; w: L arrays W^l [C, V]; b1: β¹ [C, 1].
-  solve: precision of the (I + A)⁻¹ products (float32-accurate: HIGHEST or TF32X3)."""
-  a_raw = _raw_keys(k[0], k[0], gates, precision)
-  inv = unit_lower_inverse(b1 * a_raw, solve)
-  rhs, m_raw, bk = right_hand_sides(k, w, b1, gates, precision)
-  u = mm(inv, rhs, solve)
-  wk = mm(inv, bk, solve)
-  return Intra(inv, a_raw, m_raw, rhs, bk, u, wk)
+  """(I + A)⁻¹, U and Wk of one chunk. k: L arrays [C, K]; w: L arrays W^l [C, V];
+  b1: β¹ [C, 1]. solve: precision of the (I + A)⁻¹ products."""
+  inv = unit_lower_inverse(b1 * _raw_keys(k[0], k[0], gates, precision), solve)
+  rhs, bk = right_hand_sides(k, w, b1, gates, precision)
+  return Intra(inv, mm(inv, rhs, solve), mm(inv, bk, solve))
 
 
 def right_hand_sides(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision):
-  """What (I + A)⁻¹ is applied to: R = W¹ − Σ_{l≥2} M^l W^l and Bk = β¹γ ⊙ K¹; also the raw
-  strict((K¹K^lᵀ) ⊙ D) of l ≥ 2. Returns (R [C, V], raw M tuple, Bk [C, K])."""
+  """What (I + A)⁻¹ is applied to: R = W¹ − Σ_{l≥2} M^l W^l (M^l = β¹ ⊙ strict(K¹K^lᵀ ⊙ D))
+  and Bk = β¹γ ⊙ K¹. Returns (R [C, V], Bk [C, K])."""
   rhs = w[0]
-  m_raw = []
   for kl, wl in zip(k[1:], w[1:]):
-    m_raw.append(_raw_keys(k[0], kl, gates, precision))
-    rhs = rhs - mm(b1 * m_raw[-1], wl, precision)
-  return rhs, tuple(m_raw), (b1 * gates.gamma) * k[0]
+    rhs = rhs - mm(b1 * _raw_keys(k[0], kl, gates, precision), wl, precision)
+  return rhs, (b1 * gates.gamma) * k[0]
 
 
 def _raw_keys(k1, kl, gates: ChunkGates, precision):
@@ -367,7 +360,7 @@ def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,
   """
   w = [b * vl for b, vl in zip(beta, v)]
   intra = (intra_chunk(k, w, beta[0], gates, precision, solve) if saved is None
-           else Intra(*saved[:1], None, None, None, None, *saved[1:]))
+           else Intra(*saved))
   x = intra.u - mm(intra.wk, state, precision)
   ys = (x, *w[1:])
   dys = [local_dy(q, do, kl, gates, precision) + mm(kl * gates.to_end, dstate, precision)
