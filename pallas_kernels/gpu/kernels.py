@@ -243,25 +243,39 @@ def _state_backward_kernel(q_ref, k1_ref, gamma_ref, to_end_ref, wk_ref, do_ref,
 
 
 def _state_grads_kernel(*refs, L, BV, scale, precision):
-  """dQ, the state-side dK^l, dX Sᵀ and that part of dG for one chunk and key block; the value
-  columns are summed in blocks of BV inside (`cm.state_sums`)."""
+  """dQ, the state-side dK^l, dX Sᵀ and that part of dG for one chunk and key block. One write
+  after another (`cm.write_sums` summed over value blocks of BV, then `cm.write_grads`), so only
+  one write's sums are live at a time; the state terms ride along with the first write."""
   ((q_ref,), k_refs, v_refs, beta_refs,
    (x_ref, dx_ref, G_ref, seq_ref, prev_ref, h_ref, dh_ref, do_ref, dq_ref),
    dk_refs, (dxs_ref, dG_ref)) = cm.split_refs(refs, (1, L, L - 1, L - 1, 9, L, 2))
-  sums = None
-  for j in range(do_ref.shape[-1] // BV):
-    cols = (slice(None), pl.ds(j * BV, BV))
-    ys = [x_ref[cols]] + [_col(b[...]) * r[cols].astype(jnp.float32)
-                          for b, r in zip(beta_refs, v_refs)]
-    sums = cm.state_sums(ys, dx_ref[cols], h_ref[cols], dh_ref[cols],
-                         do_ref[cols].astype(jnp.float32), precision, sums)
-  gates = _gates(G_ref, seq_ref, prev_ref)
-  q = q_ref[...].astype(jnp.float32) * scale
-  dq, dk, dG = cm.state_side_grads(sums, q, [r[...] for r in k_refs], gates, precision)
+  # The gates and q are loaded again after each write's loop rather than kept live through it
+  # (offline ptxas, bf16 K = V = 128, spills per thread against all writes' sums at once:
+  # L = 1 136 → 104 B, L = 2 1348 → 912, L = 3 2660 → 1812; reordering the last few statements
+  # moved them by up to 2× either way, so only a timing decides).
+  gates = lambda: _gates(G_ref, seq_ref, prev_ref)
+  q = lambda: q_ref[...].astype(jnp.float32) * scale
+  state_sums = None
+  for l in range(L):
+    sums = None
+    for j in range(do_ref.shape[-1] // BV):
+      cols = (slice(None), pl.ds(j * BV, BV))
+      do = do_ref[cols].astype(jnp.float32)
+      if l == 0:
+        y = x_ref[cols]
+        state_sums = cm.state_sums(dx_ref[cols], h_ref[cols], dh_ref[cols], do, precision,
+                                   state_sums)
+      else:
+        y = _col(beta_refs[l - 1][...]) * v_refs[l - 1][cols].astype(jnp.float32)
+      sums = cm.write_sums(y, dh_ref[cols], do, precision, sums)
+    dq_l, dk_l, psi_l, de_l = cm.write_grads(sums, q(), k_refs[l][...], gates(), precision)
+    dq, psi, de = (dq_l, psi_l, de_l) if l == 0 else (dq + dq_l, psi + psi_l, de + de_l)
+    dk_refs[l][...] = dk_l
+  last_gates = gates()
+  dq_state, dG = cm.state_terms(state_sums, q(), last_gates)
+  dq, dG = dq + dq_state, dG + cm.gate_grads(psi, de, state_sums.sds, last_gates)
+  dxs_ref[...] = state_sums.dxs
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
-  for r, x in zip(dk_refs, dk):
-    r[...] = x
-  dxs_ref[...] = sums.dxs
   dG_ref[...] = dG.reshape(-1)
 
 

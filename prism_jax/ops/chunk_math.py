@@ -14,9 +14,9 @@ keys (K¹ also erases), W^l = β^l ⊙ δ^l, Q = scale · q and S the incoming s
     S'   = γ_C S + Σ_l (K^l ⊙ e)ᵀ Y^l
 
 `chunk_grads` is the hand-derived reverse of these formulas (derived in
-`pallas_kernels/README.md`): `state_sums` and `state_side_grads` (what contracts over value
-columns against the state: the GPU's state-side gradient kernel), then `wy_grads` (the
-cotangents through (I + A)⁻¹: its WY kernel).
+`pallas_kernels/README.md`): `state_sums`, `write_sums`, `write_grads`, `state_terms` and
+`gate_grads` (what contracts over value columns against the state: the GPU's state-side gradient kernel,
+one write after another), then `wy_grads` (the cotangents through (I + A)⁻¹: its WY kernel).
 Column vectors are [C, 1], row vectors [1, C], per-chunk scalars [1, 1].
 """
 
@@ -227,56 +227,66 @@ class ChunkGrads(NamedTuple):
 
 
 class StateSums(NamedTuple):
-  """Sums over value columns that the state-side cotangents need (one block of key columns
-  k₀:k₁ when S, dS' are rows k₀:k₁ of the state): each is a sum of per-value-block terms."""
+  """Sums over value columns of the state terms of the backward (for one block of key columns
+  k₀:k₁ when S, dS' are rows k₀:k₁ of the state); each is a sum of per-value-block terms."""
   dos: jax.Array  # dO Sᵀ: [C, BK]
-  doy: tuple  # dO Y^lᵀ: L arrays [C, C] (the same for every key block)
-  yds: tuple  # Y^l dS'ᵀ: L arrays [C, BK]
   dxs: jax.Array  # dX Sᵀ: [C, BK]
   sds: jax.Array  # Σ S ⊙ dS': [1, 1]
 
 
-def state_sums(ys: Sequence, dx, state, dstate, do, precision, acc: StateSums | None = None):
-  """`StateSums` of one value block (ys: Y^l [C, BV], Y¹ = X; dx, do [C, BV]; state, dstate
-  [BK, BV]), added to `acc` when given."""
-  terms = StateSums(mm(do, state, precision, tb=True),
-                    tuple(mm(do, y, precision, tb=True) for y in ys),
-                    tuple(mm(y, dstate, precision, tb=True) for y in ys),
-                    mm(dx, state, precision, tb=True),
-                    jnp.sum(jnp.sum(state * dstate, axis=1, keepdims=True), axis=0,
-                            keepdims=True))
-  if acc is None:
-    return terms
-  return jax.tree.map(jnp.add, acc, terms)
+class WriteSums(NamedTuple):
+  """The same for one write l."""
+  doy: jax.Array  # dO Y^lᵀ: [C, C] (the same for every key block)
+  yds: jax.Array  # Y^l dS'ᵀ: [C, BK]
 
 
-def state_side_grads(sums: StateSums, q, k: Sequence, gates: ChunkGates, precision):
-  """dQ, the output/state part of dK^l and that part of dG, for the key columns of `sums`
-  (q, k^l: [C, BK]; dG is a partial sum over key blocks).
+def _add(acc, terms):
+  return terms if acc is None else jax.tree.map(jnp.add, acc, terms)
 
-    dQ   = γ ⊙ dO Sᵀ + Σ_l (dP^l ⊙ D) K^l,      dP^l = causal(dO Y^lᵀ)
-    dK^l = (dP^l ⊙ D)ᵀ Q + e ⊙ Y^l dS'ᵀ
-    dG   = rowsum(Ψ) − colsum(Ψ) + γ ⊙ rowsum(Q ⊙ dO Sᵀ) − e ⊙ Σ_l rowsum(K^l ⊙ Y^l dS'ᵀ)
-           (+ G_C terms on the last row),   Ψ = Σ_l (dP^l ⊙ D) ⊙ (Q K^lᵀ)
+
+def state_sums(dx, state, dstate, do, precision, acc: StateSums | None = None) -> StateSums:
+  """`StateSums` of one value block (dx, do [C, BV]; state, dstate [BK, BV]), added to `acc`."""
+  sds = jnp.sum(jnp.sum(state * dstate, axis=1, keepdims=True), axis=0, keepdims=True)
+  return _add(acc, StateSums(mm(do, state, precision, tb=True),
+                             mm(dx, state, precision, tb=True), sds))
+
+
+def write_sums(y, dstate, do, precision, acc: WriteSums | None = None) -> WriteSums:
+  """`WriteSums` of one value block (y: Y^l [C, BV], Y¹ = X), added to `acc`."""
+  return _add(acc, WriteSums(mm(do, y, precision, tb=True), mm(y, dstate, precision, tb=True)))
+
+
+def write_grads(sums: WriteSums, q, kl, gates: ChunkGates, precision):
+  """One write's share of the state-side cotangents, for the key columns of `sums` (q, k^l:
+  [C, BK]): with dP^l = causal(dO Y^lᵀ),
+
+    dQ  += (dP^l ⊙ D) K^l
+    dK^l = (dP^l ⊙ D)ᵀ Q + e ⊙ Y^l dS'ᵀ          (its output/state terms)
+    Ψ   += (dP^l ⊙ D) ⊙ (Q K^lᵀ)                  (dP^l ⊙ P^l, the cotangent of D times D)
+    de  += rowsum(K^l ⊙ Y^l dS'ᵀ)
 
   Ψ is formed elementwise in float32 (its key-block parts add up): written through the bf16
   products (dP^l ⊙ D) K^l instead, the difference of its row and column sums lost a factor 2 of
-  dg's accuracy to cancellation. Returns (dq, dk tuple, dG [C, 1]).
+  dg's accuracy to cancellation. Returns (dQ share, dK^l, Ψ share, de share).
   """
-  dq = gates.gamma * sums.dos
-  dG = gates.gamma * _rowsum(q * sums.dos)
-  de = jnp.zeros_like(gates.to_end)
-  dk = []
-  psi = 0.0
-  for kl, doy, yds in zip(k, sums.doy, sums.yds):
-    dpd = jnp.where(gates.causal, doy, 0.0) * gates.decay
-    dq = dq + mm(dpd, kl, precision)
-    dk.append(mm(dpd, q, precision, ta=True) + gates.to_end * yds)
-    psi = psi + dpd * mm(q, kl, precision, tb=True)
-    de = de + _rowsum(kl * yds)
-  dG = dG + _row_minus_column_sums(psi) - de * gates.to_end
-  last = jnp.sum(de * gates.to_end, axis=0, keepdims=True) + sums.sds * gates.gamma_last
-  return dq, tuple(dk), dG + jnp.where(gates.is_last, last, 0.0)
+  dpd = jnp.where(gates.causal, sums.doy, 0.0) * gates.decay
+  return (mm(dpd, kl, precision), mm(dpd, q, precision, ta=True) + gates.to_end * sums.yds,
+          dpd * mm(q, kl, precision, tb=True), _rowsum(kl * sums.yds))
+
+
+def state_terms(sums: StateSums, q, gates: ChunkGates):
+  """The state's own terms, for the key columns of `sums`: γ ⊙ dO Sᵀ of dQ and
+  γ ⊙ rowsum(Q ⊙ dO Sᵀ) of dG (a partial sum over key blocks)."""
+  return gates.gamma * sums.dos, gates.gamma * _rowsum(q * sums.dos)
+
+
+def gate_grads(psi, de, sds, gates: ChunkGates):
+  """The rest of the state side's dG from the writes' summed Ψ and de shares (`write_grads`)
+  and Σ S ⊙ dS': rowsum(Ψ) − colsum(Ψ) − e ⊙ de, plus Σ de ⊙ e + γ_C Σ S ⊙ dS' on the last row
+  (the G_C terms). A partial sum over key blocks: [C, 1]."""
+  last = jnp.sum(de * gates.to_end, axis=0, keepdims=True) + sds * gates.gamma_last
+  return (_row_minus_column_sums(psi) - de * gates.to_end
+          + jnp.where(gates.is_last, last, 0.0))
 
 
 def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, dk_state,
@@ -352,8 +362,9 @@ def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,
                 gates: ChunkGates, precision, solve=HIGHEST, saved=None) -> ChunkGrads:
   """Cotangents of one chunk's inputs given its incoming state S, the cotangent dS' of its
   outgoing state and dO, by reversing the forward formulas (recomputing U, Wk and X, or with
-  `saved` = ((I + A)⁻¹, U, Wk) of the forward only X): `state_sums` over the whole chunk,
-  `state_side_grads`, then `wy_grads`.
+  `saved` = ((I + A)⁻¹, U, Wk) of the forward only X): `state_sums` and each write's
+  `write_sums` over the whole chunk, `write_grads`, `state_terms`, `gate_grads`, then
+  `wy_grads`.
 
   q [C, K] scaled; k, v, beta: L arrays [C, K], [C, V], [C, 1]; state, dstate [K, V];
   do [C, V].
@@ -365,8 +376,15 @@ def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,
   ys = (x, *w[1:])
   dys = [local_dy(q, do, kl, gates, precision) + mm(kl * gates.to_end, dstate, precision)
          for kl in k]
-  sums = state_sums(ys, dys[0], state, dstate, do, precision)
-  dq, dk_state, dG_state = state_side_grads(sums, q, k, gates, precision)
+  sums = state_sums(dys[0], state, dstate, do, precision)
+  dq_w, dk_state, psi, de = 0.0, [], 0.0, 0.0
+  for y, kl in zip(ys, k):
+    dq_l, dk_l, psi_l, de_l = write_grads(write_sums(y, dstate, do, precision), q, kl, gates,
+                                          precision)
+    dq_w, psi, de = dq_w + dq_l, psi + psi_l, de + de_l
+    dk_state.append(dk_l)
+  dq, dG_state = state_terms(sums, q, gates)
+  dq, dG_state = dq + dq_w, dG_state + gate_grads(psi, de, sums.sds, gates)
   dk, dv, dbeta, dG = wy_grads(k, v, beta, intra.inv, intra.u, intra.wk, dys[0], sums.dxs,
                                lambda i, c: dys[i + 1][:, c], dk_state, gates, precision, solve)
   return ChunkGrads(dq, tuple(x[0] for x in dk), tuple(x[0] for x in dv), dbeta, dG_state + dG)
