@@ -289,9 +289,9 @@ def _wy_grads_kernel(*refs, L, BK, BV, precision, solve):
   blocks = lambda n, b: [pl.ds(i * b, b) for i in range(n // b)]
   k_blocks, v_blocks = blocks(k_refs[0].shape[-1], BK), blocks(v_refs[0].shape[-1], BV)
 
-  def dy(i, c):  # dY^l = P^lᵀ dO + (K^l ⊙ e) dS', l = i + 2
-    return local_refs[i][:, c] + cm.mm(k_refs[i + 1][...] * gates.to_end, dh_ref[:, c],
-                                       precision)
+  def dy(i, c):  # dY^l = P^lᵀ dO + e ⊙ (K^l dS'), l = i + 2 (keys go to the product as loaded)
+    return local_refs[i][:, c] + gates.to_end * cm.mm(k_refs[i + 1][...], dh_ref[:, c],
+                                                      precision)
 
   dk, dv, dbeta, dG = cm.wy_grads(
       k_refs, v_refs, [_col(r[...]) for r in beta_refs], inv_ref[...], u_ref, wk_ref, dx_ref,
@@ -307,7 +307,7 @@ def _wy_grads_kernel(*refs, L, BK, BV, precision, solve):
 
 # pallas_calls. Shapes: q [B,T,H,K], k [B,T,H,L,K], v [B,T,H,L,V], beta [B,T,H,L],
 # G [B,T,H] float32, seq / prev [B,T] float32, states [B,H,K,V] float32. The chunk-parallel
-# kernels run on the grid (B·H, N, V/BV) (Triton grids have at most three axes).
+# kernels run on the grid (B·H, N[, V/BV or K/BK]) (Triton grids have at most three axes).
 
 def _rows_spec(H, C, width, axis_of_block):
   """BlockSpec of one chunk's rows [C, width] of a [B, T, H, W] array on a grid (B·H, N, ...):

@@ -15,8 +15,9 @@ keys (K¹ also erases), W^l = β^l ⊙ δ^l, Q = scale · q and S the incoming s
 
 `chunk_grads` is the hand-derived reverse of these formulas (derived in
 `pallas_kernels/README.md`): `state_sums`, `write_sums`, `write_grads`, `state_terms` and
-`gate_grads` (what contracts over value columns against the state: the GPU's state-side gradient kernel,
-one write after another), then `wy_grads` (the cotangents through (I + A)⁻¹: its WY kernel).
+`gate_grads` (what contracts over value columns against the state: the GPU's state-side
+gradient kernel, one write after another), then `wy_grads` (the cotangents through (I + A)⁻¹:
+its WY kernel).
 Column vectors are [C, 1], row vectors [1, C], per-chunk scalars [1, 1].
 """
 
