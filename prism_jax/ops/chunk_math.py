@@ -31,7 +31,9 @@ from jax import lax
 
 HIGHEST = lax.Precision.HIGHEST
 # Three TF32 tensor-core products per float32 product (hi·hi + hi·lo + lo·hi): float32-level
-# accuracy at tensor-core speed, for the (I + A)⁻¹ products of compiled GPU kernels.
+# accuracy on tensor cores. No kernel uses it by default any more (on the H200 the inverse was
+# faster with HIGHEST, its application with bf16 operands); `benchmarks/kernels.py --solves`
+# times it.
 TF32X3 = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
@@ -301,7 +303,7 @@ def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, 
     dW¹ = dR,   dW^l = dY^l − (β¹ ⊙ M^l_raw)ᵀ dR,   dM^l = −strict(dR W^lᵀ)
 
   then the key, β and G terms of A = β¹ ⊙ strict(K¹K¹ᵀ ⊙ D), M^l and Bk = β¹γ ⊙ K¹ (dG from
-  Ψ = β¹ ⊙ (dA ⊙ A_raw + Σ dM^l ⊙ M^l_raw), as in `state_side_grads`).
+  Ψ = β¹ ⊙ (dA ⊙ A_raw + Σ dM^l ⊙ M^l_raw), as in `gate_grads`).
 
   k, v (L each), u, wk, dx: dX [C, V], dxs: dX Sᵀ [C, K] and dk_state (the state-side dK^l to
   add to) are arrays or Pallas refs, read one column block (v_blocks / k_blocks: slices of the
