@@ -293,7 +293,7 @@ def gate_grads(psi, de, sds, gates: ChunkGates):
 
 
 def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, dk_state,
-             gates: ChunkGates, precision, solve=HIGHEST, v_blocks=(slice(None),),
+             gates: ChunkGates, precision, store, solve=HIGHEST, v_blocks=(slice(None),),
              k_blocks=(slice(None),)):
   """Cotangents through U = (I + A)⁻¹ R and Wk = (I + A)⁻¹ Bk (the WY part) of one chunk.
 
@@ -305,60 +305,70 @@ def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, 
   then the key, β and G terms of A = β¹ ⊙ strict(K¹K¹ᵀ ⊙ D), M^l and Bk = β¹γ ⊙ K¹ (dG from
   Ψ = β¹ ⊙ (dA ⊙ A_raw + Σ dM^l ⊙ M^l_raw), as in `gate_grads`).
 
-  k, v (L each), u, wk, dx: dX [C, V], dxs: dX Sᵀ [C, K] and dk_state (the state-side dK^l to
-  add to) are arrays or Pallas refs, read one column block (v_blocks / k_blocks: slices of the
-  value / key columns) at a time so a kernel never holds whole rows; beta: L columns [C, 1];
-  dy(i, cols): columns `cols` of dY^(i+2). Returns (dk, dv, dbeta, dG [C, 1]) with dk[l], dv[l]
-  lists of column blocks in k_blocks / v_blocks order.
+  One write after another (dR is recomputed for each), and every column block of dk^l and
+  dδ^l goes to `store(name, l, cols, x)` ("dk" or "dv") as soon as it is final, so a kernel
+  holds one write's C × C products at a time and no finished output (only dK¹'s blocks stay
+  open across writes). k, v (L each), u, wk, dx: dX [C, V], dxs: dX Sᵀ [C, K] and dk_state
+  (the state-side dK^l to add to) are arrays or Pallas refs, read one column block (v_blocks /
+  k_blocks: slices of the value / key columns) at a time; beta: L columns [C, 1]; dy(i, cols):
+  columns `cols` of dY^(i+2). Returns (dbeta tuple of [C, 1], dG [C, 1]).
   """
   L = len(k)
   f32 = lambda x: x.astype(jnp.float32)
   b1 = beta[0]
-  raw = []  # strict(K¹K^lᵀ ⊙ D): A and M^l before the β¹ rows
-  for kl in k:
+
+  def raw_keys(kl):  # strict(K¹K^lᵀ ⊙ D): A and M^l before the β¹ rows
     kk = sum(mm(k[0][:, c], kl[:, c], precision, tb=True) for c in k_blocks)
-    raw.append(jnp.where(gates.strict, kk * gates.decay, 0.0))
-  gram = 0.0  # dR Uᵀ + dBk Wkᵀ
-  rw = [0.0] * L  # dR W^lᵀ, l ≥ 2
-  dv, dbeta = [[] for _ in range(L)], [0.0] * L
+    return jnp.where(gates.strict, kk * gates.decay, 0.0)
+
+  dr_of = lambda c: mm(inv, dx[:, c], solve, ta=True)
+  dbk_of = lambda c: -mm(inv, dxs[:, c], solve, ta=True)
+
+  # The erase write: dA = −strict(dR Uᵀ + dBk Wkᵀ).
+  gram, dbeta1 = 0.0, 0.0
   for c in v_blocks:
-    dr = mm(inv, dx[:, c], solve, ta=True)
+    dr = dr_of(c)
     gram = gram + mm(dr, u[:, c], precision, tb=True)
-    dv[0].append(b1 * dr)
-    dbeta[0] = dbeta[0] + _rowsum(dr * f32(v[0][:, c]))
-    for i in range(1, L):
-      vl = f32(v[i][:, c])
-      rw[i] = rw[i] + mm(dr, beta[i] * vl, precision, tb=True)
-      dw = dy(i - 1, c) - mm(b1 * raw[i], dr, precision, ta=True)
-      dv[i].append(beta[i] * dw)
-      dbeta[i] = dbeta[i] + _rowsum(dw * vl)
-  dbk = lambda c: -mm(inv, dxs[:, c], solve, ta=True)
+    store("dv", 0, c, b1 * dr)
+    dbeta1 = dbeta1 + _rowsum(dr * f32(v[0][:, c]))
   sbk = 0.0
   for c in k_blocks:
-    dbk_c = dbk(c)
-    gram = gram + mm(dbk_c, wk[:, c], precision, tb=True)
-    sbk = sbk + _rowsum(dbk_c * f32(k[0][:, c]))
+    dbk = dbk_of(c)
+    gram = gram + mm(dbk, wk[:, c], precision, tb=True)
+    sbk = sbk + _rowsum(dbk * f32(k[0][:, c]))
+  raw = raw_keys(k[0])
   da = -jnp.where(gates.strict, gram, 0.0)
-  dms = [None] + [-jnp.where(gates.strict, x, 0.0) for x in rw[1:]]
-  dbeta1 = _rowsum(da * raw[0]) + gates.gamma * sbk
-  for i in range(1, L):
-    dbeta1 = dbeta1 + _rowsum(dms[i] * raw[i])
-  dbeta[0] = dbeta[0] + dbeta1
-  dkd = [b1 * da * gates.decay] + [b1 * dm * gates.decay for dm in dms[1:]]  # dA, dM^l ⊙ D
-  psi = b1 * da * raw[0]
-  for i in range(1, L):
-    psi = psi + b1 * dms[i] * raw[i]
-  dG = _row_minus_column_sums(psi) + b1 * sbk * gates.gamma
-  dk = [[] for _ in range(L)]
+  dbeta1 = dbeta1 + _rowsum(da * raw) + gates.gamma * sbk
+  psi = b1 * da * raw
+  dkd = b1 * da * gates.decay  # dA ⊙ D
+  dk1 = []
   for c in k_blocks:
     k1 = f32(k[0][:, c])
-    dkk_k, dkkt_k = mm(dkd[0], k1, precision), mm(dkd[0], k1, precision, ta=True)
-    dk1 = f32(dk_state[0][:, c]) + dkk_k + dkkt_k + (b1 * gates.gamma) * dbk(c)
-    for i in range(1, L):
-      dk1 = dk1 + mm(dkd[i], k[i][:, c], precision)
-      dk[i].append(f32(dk_state[i][:, c]) + mm(dkd[i], k1, precision, ta=True))
-    dk[0].append(dk1)
-  return dk, dv, tuple(dbeta), dG
+    dk1.append(f32(dk_state[0][:, c]) + mm(dkd, k1, precision)
+               + mm(dkd, k1, precision, ta=True) + (b1 * gates.gamma) * dbk_of(c))
+  # The other writes: dM^l = −strict(dR W^lᵀ).
+  dbeta = [None]
+  for i in range(1, L):
+    raw = raw_keys(k[i])
+    rw, dbeta_i = 0.0, 0.0
+    for c in v_blocks:
+      dr, vl = dr_of(c), f32(v[i][:, c])
+      rw = rw + mm(dr, beta[i] * vl, precision, tb=True)
+      dw = dy(i - 1, c) - mm(b1 * raw, dr, precision, ta=True)
+      store("dv", i, c, beta[i] * dw)
+      dbeta_i = dbeta_i + _rowsum(dw * vl)
+    dbeta.append(dbeta_i)
+    dm = -jnp.where(gates.strict, rw, 0.0)
+    dbeta1 = dbeta1 + _rowsum(dm * raw)
+    psi = psi + b1 * dm * raw
+    dkd = b1 * dm * gates.decay  # dM^l ⊙ D
+    for j, c in enumerate(k_blocks):
+      dk1[j] = dk1[j] + mm(dkd, k[i][:, c], precision)
+      store("dk", i, c, f32(dk_state[i][:, c]) + mm(dkd, f32(k[0][:, c]), precision, ta=True))
+  for c, x in zip(k_blocks, dk1):
+    store("dk", 0, c, x)
+  dbeta[0] = dbeta1
+  return tuple(dbeta), _row_minus_column_sums(psi) + b1 * sbk * gates.gamma
 
 
 def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,
@@ -388,6 +398,9 @@ def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,
     dk_state.append(dk_l)
   dq, dG_state = state_terms(sums, q, gates)
   dq, dG_state = dq + dq_w, dG_state + gate_grads(psi, de, sums.sds, gates)
-  dk, dv, dbeta, dG = wy_grads(k, v, beta, intra.inv, intra.u, intra.wk, dys[0], sums.dxs,
-                               lambda i, c: dys[i + 1][:, c], dk_state, gates, precision, solve)
-  return ChunkGrads(dq, tuple(x[0] for x in dk), tuple(x[0] for x in dv), dbeta, dG_state + dG)
+  out = {}
+  store = lambda name, l, cols, x: out.__setitem__((name, l), x)  # whole rows: one block each
+  dbeta, dG = wy_grads(k, v, beta, intra.inv, intra.u, intra.wk, dys[0], sums.dxs,
+                       lambda i, c: dys[i + 1][:, c], dk_state, gates, precision, store, solve)
+  dk, dv = (tuple(out[name, l] for l in range(len(k))) for name in ("dk", "dv"))
+  return ChunkGrads(dq, dk, dv, dbeta, dG_state + dG)
