@@ -1,0 +1,43 @@
+"""benchmarks/kernels.py's per-kernel entry points (`--stages`, `--compile-check` and the offline
+estimate of benchmarks/shared_memory.py all go through `stage_calls`), in interpret mode: they
+cover every kernel the custom_vjp launches, in its order, and each one runs."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks.kernels import CHUNK, stage_calls  # noqa: E402
+from pallas_kernels import pallas_prism  # noqa: E402
+from pallas_kernels.gpu.kernels import BlockSizes  # noqa: E402
+from prism_jax.testing import random_prism_inputs  # noqa: E402
+
+
+def _pallas_call_names(jaxpr):
+  names = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      names.append(eqn.params["name"])
+    for p in eqn.params.values():
+      inner = getattr(p, "jaxpr", p)
+      if hasattr(inner, "eqns"):
+        names.extend(_pallas_call_names(inner))
+  return names
+
+
+def test_stage_calls_cover_every_kernel_in_order():
+  q, k, v, beta, g, _ = random_prism_inputs(jax.random.key(0), 1, 2 * CHUNK, 1, 32, 32, 2)
+  loss = lambda *a: pallas_prism(*a, chunk_size=CHUNK, interpret=True, backend="gpu")[0].sum()
+  launched = _pallas_call_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(
+      q, k, v, beta, g).jaxpr)
+  bs = BlockSizes(chunk=CHUNK, block_v=16, block_k=16, seq_block_v=32)
+  calls = stage_calls(bs, 1, 2 * CHUNK, 2, 32, 2, interpret=True)
+  assert ["prism_" + name for name in calls] == launched
+  for name, (fn, args) in calls.items():
+    for out in jax.tree.leaves(fn(*args)):
+      assert np.all(np.isfinite(np.asarray(out, np.float32))), name
+      assert out.dtype in (jnp.float32, jnp.bfloat16), (name, out.dtype)
