@@ -62,3 +62,10 @@ def test_long_bf16_sequences_match_naive():
   # products once doubled its error here (5.8e-3 against 2.8e-3).
   check_against_naive((1, 1024, 2, 128, 128, 2, 64, True, False, jnp.bfloat16), backend="gpu",
                       interpret=INTERPRET, seed=3)
+
+
+def test_four_writes_match_naive():
+  # L = 4 (the most the kernels take): every per-write loop of the gradient kernels runs
+  # three times past the erase write, with segments, an initial state and a padded tail.
+  check_against_naive((1, 70, 2, 32, 32, 4, 32, True, True, jnp.bfloat16), backend="gpu",
+                      interpret=INTERPRET, seed=4)
