@@ -16,22 +16,30 @@ from pallas_kernels.gpu.kernels import BlockSizes
 
 def operand_precision(dtype):
   """Every product but those inside the (I + A)⁻¹ kernel (which are float32, HIGHEST, as the
-  spec asks of the solve): with bf16 (or float16) inputs both operands are rounded to bf16 and
-  accumulated in float32 — the tensor cores' full rate and half the on-chip operand memory of
-  TF32 — including the inverse where U, Wk and their cotangents apply it (as
-  flash-linear-attention does); float32 inputs get float32 products. On the H200 (B4 T4096 H16
-  K=V=128, L = 1) the inverse took 0.48 ms with float32 products against 0.83 with three TF32
-  products, and applying it 0.35 ms with bf16 operands against 0.59 with TF32×3 (the WY
-  gradient kernel 0.89 against 1.14); in interpret-mode tests the bf16 application added
-  0.2–0.5e-3 to relative errors of about 3e-3 (benchmarks/RESULTS.md)."""
-  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else cm.BF16
+  spec asks of the solve): with bf16 inputs both operands are rounded to bf16 and accumulated
+  in float32 — the tensor cores' full rate and half the on-chip operand memory of TF32 —
+  including the inverse where U, Wk and their cotangents apply it (as flash-linear-attention
+  does); float16 inputs the same in float16 (relative errors about 4e-4 in interpret mode,
+  against 3e-3 with bf16 operands; a state entry above 65504 would overflow it); float32
+  inputs get float32 products. On the H200 (B4 T4096 H16 K=V=128, L = 1) the inverse took 0.48
+  ms with float32 products against 0.83 with three TF32 products, and applying it 0.35 ms with
+  bf16 operands against 0.59 with TF32×3 (the WY gradient kernel 0.89 against 1.14); in
+  interpret-mode tests the bf16 application added 0.2–0.5e-3 to relative errors of about 3e-3
+  (benchmarks/RESULTS.md)."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return jax.lax.Precision.HIGHEST
+  return cm.F16 if dtype == jnp.float16 else cm.BF16
 
 
 def store_dtype(dtype):
   """Dtype of the saved arrays that later kernels read only as product operands (the states
-  entering each chunk and their cotangents, X, Wk): bf16 under `operand_precision`'s rounding,
-  which would round them anyway, else float32. The state itself stays float32 on chip."""
-  return jnp.float32 if jnp.dtype(dtype) == jnp.float32 else jnp.bfloat16
+  entering each chunk and their cotangents, X, Wk): the 16-bit type `operand_precision` rounds
+  them to anyway, else float32. The state itself stays float32 on chip."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return jnp.float32
+  return jnp.float16 if dtype == jnp.float16 else jnp.bfloat16
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))

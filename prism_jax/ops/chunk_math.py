@@ -38,17 +38,20 @@ TF32X3 = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 BF16 = "bf16"  # precision mode: round both operands to bf16, accumulate in float32
+F16 = "f16"  # the same with float16 operands (float16 inputs)
 
 
 def mm(a, b, precision, *, ta=False, tb=False):
   """a @ b (aᵀ if ta, bᵀ if tb) of 2-D arrays with a float32 result.
 
-  precision: a lax.Precision (or None, the default) for float32 operands, or BF16, which
-  rounds both operands to bf16 first (tensor-core products; half the on-chip operand memory).
+  precision: a lax.Precision (or None, the default) for float32 operands, or BF16 / F16, which
+  round both operands to bf16 / float16 first (tensor-core products; half the on-chip operand
+  memory).
   Operands of one dtype stay in it (bf16 keys against bf16 keys are exact products).
   """
-  if precision == BF16:
-    a, b, precision = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), None
+  if precision in (BF16, F16):
+    dtype = jnp.bfloat16 if precision == BF16 else jnp.float16
+    a, b, precision = a.astype(dtype), b.astype(dtype), None
   elif a.dtype != b.dtype:
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))

@@ -69,3 +69,10 @@ def test_four_writes_match_naive():
   # three times past the erase write, with segments, an initial state and a padded tail.
   check_against_naive((1, 70, 2, 32, 32, 4, 32, True, True, jnp.bfloat16), backend="gpu",
                       interpret=INTERPRET, seed=4)
+
+
+def test_float16_inputs_match_naive_to_the_float16_tolerance():
+  # float16 inputs take float16 operands (bf16 operands left the output at 3e-3, above the
+  # float16 tolerance of 2e-3).
+  check_against_naive((1, 200, 2, 64, 64, 2, 64, True, True, jnp.float16), backend="gpu",
+                      interpret=INTERPRET, seed=5)
