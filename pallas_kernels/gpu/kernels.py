@@ -113,11 +113,8 @@ def pass_gates(G, seq, prev, C):
   e_i = exp(G_C − G_i) (0 outside the chunk's last sequence), [B, T, H] float32: `cm.end_gates`
   on whole arrays, in XLA, for the two passes over chunks."""
   B, T, H = G.shape
-  G = G.reshape(B, T // C, C, H)
-  seq = seq.reshape(B, T // C, C)[..., None]
-  prev = prev.reshape(B, T // C, C)[..., None]
-  gamma = jnp.exp(jnp.where(seq == prev, G, -jnp.inf))  # exponent masked before exp
-  to_end = jnp.exp(jnp.where(seq == seq[:, :, -1:], G[:, :, -1:] - G, -jnp.inf))
+  chunks = lambda x: x.reshape(B, T // C, C, -1)
+  gamma, to_end, _, _ = cm.end_gates(chunks(G), chunks(seq), chunks(prev))
   return gamma.reshape(B, T, H), to_end.reshape(B, T, H)
 
 
@@ -192,7 +189,8 @@ def _state_forward_kernel(*refs, L, C, precision):
     sl = pl.ds(n * C, C)
     gates = _pass_gates(gamma_ref, to_end_ref, n, C)
     k = [r[sl, :] for r in k_refs]
-    w = [_col(b[sl]) * r[sl, :].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
+    w = [None] + [_col(b[sl]) * r[sl, :].astype(jnp.float32)  # W¹ is not read: X takes its place
+                  for b, r in zip(beta_refs[1:], v_refs[1:])]
     h_ref[pl.ds(n * K, K), :] = state.astype(h_ref.dtype)
     x = u_ref[sl, :] - cm.mm(wk_ref[sl, :], state, precision)
     x_ref[sl, :] = x.astype(x_ref.dtype)
@@ -206,7 +204,8 @@ def _output_kernel(*refs, L, scale, precision):
    (G_ref, seq_ref, prev_ref, x_ref, h_ref, o_ref)) = cm.split_refs(refs, (1, L, L, L, 6))
   gates = _gates(G_ref, seq_ref, prev_ref)
   k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ and Q K^lᵀ stay bf16 products for bf16
-  w = [_col(b[...]) * r[...].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
+  w = [None] + [_col(b[...]) * r[...].astype(jnp.float32)  # Y¹ = X: W¹ is not read
+                for b, r in zip(beta_refs[1:], v_refs[1:])]
   # O is linear in Q: scaling the result, not q, keeps q exact as a bf16 operand.
   o = cm.chunk_output(q_ref[...], h_ref[...], x_ref[...], k, w, gates, precision)
   o_ref[...] = (o * scale).astype(o_ref.dtype)
@@ -313,32 +312,44 @@ def _wy_grads_kernel(*refs, L, BK, BV, precision, solve):
 # G [B,T,H] float32, seq / prev [B,T] float32, states [B,H,K,V] float32. The chunk-parallel
 # kernels run on the grid (B·H, N[, V/BV or K/BK]) (Triton grids have at most three axes).
 
-def _rows_spec(H, C, width, axis_of_block):
-  """BlockSpec of one chunk's rows [C, width] of a [B, T, H, W] array on a grid (B·H, N, ...):
-  columns block `axis_of_block` of the grid (2), or all columns (None)."""
+def _rows_spec(H, C, width, axis_of_block, write=None):
+  """BlockSpec of one chunk's rows [C, width] of a [B, T, H, W] array (or of write `write` of a
+  [B, T, H, L, W] array) on a grid (B·H, N, ...): columns block `axis_of_block` of the grid
+  (2), or all columns (None)."""
   def index(bh, n, *rest):
-    return (bh // H, n, bh % H, rest[0] if axis_of_block == 2 else 0)
-  return pl.BlockSpec((None, C, None, width), index)
+    col = rest[0] if axis_of_block == 2 else 0
+    return (bh // H, n, bh % H) + ((col,) if write is None else (write, col))
+  return pl.BlockSpec((None, C, None, width) if write is None else (None, C, None, None, width),
+                      index)
 
 
-def _chunk_specs(L, C, K, BV, H):
-  """BlockSpecs of one chunk and one value block for q, the L keys, values and gates, G, seq,
-  rows of width K and of width BV, and the [K, BV] block of the state entering the chunk."""
-  at = lambda f: (lambda bh, n, j: f(bh // H, bh % H, n, j))
+def _gate_specs(L, C, H):
+  """BlockSpecs of one chunk of the L gates β^l, of G and of seq / prev, for any grid
+  (B·H, N, ...)."""
+  at = lambda f: (lambda bh, n, *_: f(bh // H, bh % H, n))
   return dict(
-      q=_rows_spec(H, C, K, None),
-      k=[pl.BlockSpec((None, C, None, None, K), at(lambda b, h, n, j, l=l: (b, n, h, l, 0)))
-         for l in range(L)],
-      v=[pl.BlockSpec((None, C, None, None, BV), at(lambda b, h, n, j, l=l: (b, n, h, l, j)))
-         for l in range(L)],
-      beta=[pl.BlockSpec((None, C, None, None), at(lambda b, h, n, j, l=l: (b, n, h, l)))
+      beta=[pl.BlockSpec((None, C, None, None), at(lambda b, h, n, l=l: (b, n, h, l)))
             for l in range(L)],
-      G=pl.BlockSpec((None, C, None), at(lambda b, h, n, j: (b, n, h))),
-      seq=pl.BlockSpec((None, C), at(lambda b, h, n, j: (b, n))),
+      G=pl.BlockSpec((None, C, None), at(lambda b, h, n: (b, n, h))),
+      seq=pl.BlockSpec((None, C), at(lambda b, h, n: (b, n))),
+  )
+
+
+def _chunk_specs(bs: BlockSizes, k, V):
+  """The grid (B·H, N, V/BV) of a kernel per chunk and value block (k: the keys [B,T,H,L,K]),
+  and its BlockSpecs for q, the L keys, values and gates, G, seq, rows of width K, BV and C,
+  and the [K, BV] block of the state entering the chunk."""
+  B, T, H, L, K = k.shape
+  C, BV = bs.chunk, _block_v(bs, V)
+  return (B * H, T // C, V // BV), dict(
+      q=_rows_spec(H, C, K, None),
+      k=[_rows_spec(H, C, K, None, l) for l in range(L)],
+      v=[_rows_spec(H, C, BV, 2, l) for l in range(L)],
+      **_gate_specs(L, C, H),
       rows_k=_rows_spec(H, C, K, None),
       rows_v=_rows_spec(H, C, BV, 2),
       rows_c=_rows_spec(H, C, C, None),
-      h=pl.BlockSpec((None, None, K, BV), at(lambda b, h, n, j: (b, h, n, j))),
+      h=pl.BlockSpec((None, None, K, BV), lambda bh, n, j: (bh // H, bh % H, n, j)),
   )
 
 
@@ -381,12 +392,11 @@ def apply_inverse(k, v, beta, G, seq, prev, inv, *, bs: BlockSizes, precision, i
   """U = (I + A)⁻¹ R per chunk and value block, and Wk = (I + A)⁻¹ Bk in the first value
   block of each chunk."""
   B, T, H, L, K = k.shape
-  V, C = v.shape[-1], bs.chunk
-  BV = _block_v(bs, V)
-  s = _chunk_specs(L, C, K, BV, H)
+  V = v.shape[-1]
+  grid, s = _chunk_specs(bs, k, V)
   return pl.pallas_call(
       functools.partial(_apply_kernel, L=L, precision=precision, solve=solve),
-      grid=(B * H, T // C, V // BV),
+      grid=grid,
       in_specs=[*s["k"], *s["v"], *s["beta"], s["G"], s["seq"], s["seq"], s["rows_c"]],
       out_specs=[s["rows_v"], s["rows_k"]],
       out_shape=[jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
@@ -435,12 +445,11 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, bs: BlockSizes, precis
 def output(q, k, v, beta, G, seq, prev, x, h, *, scale, bs: BlockSizes, precision, interpret):
   """O [B,T,H,V] in q's dtype."""
   B, T, H, L, K = k.shape
-  V, C = v.shape[-1], bs.chunk
-  BV = _block_v(bs, V)
-  s = _chunk_specs(L, C, K, BV, H)
+  V = v.shape[-1]
+  grid, s = _chunk_specs(bs, k, V)
   return pl.pallas_call(
       functools.partial(_output_kernel, L=L, scale=scale, precision=precision),
-      grid=(B * H, T // C, V // BV),
+      grid=grid,
       in_specs=[s["q"], *s["k"], *s["v"], *s["beta"], s["G"], s["seq"], s["seq"], s["rows_v"],
                 s["h"]],
       out_specs=s["rows_v"],
@@ -453,12 +462,11 @@ def local_dy(q, k, G, seq, prev, do, *, scale, bs: BlockSizes, precision, interp
   """P^lᵀ dO of every write l, L arrays [B,T,H,V] float32 (parallel over chunks): the
   state-independent part of dY^l, taken out of the reverse pass."""
   B, T, H, L, K = k.shape
-  V, C = do.shape[-1], bs.chunk
-  BV = _block_v(bs, V)
-  s = _chunk_specs(L, C, K, BV, H)
+  V = do.shape[-1]
+  grid, s = _chunk_specs(bs, k, V)
   return pl.pallas_call(
       functools.partial(_local_dy_kernel, L=L, scale=scale, precision=precision),
-      grid=(B * H, T // C, V // BV),
+      grid=grid,
       in_specs=[s["q"], *s["k"], s["G"], s["seq"], s["seq"], s["rows_v"]],
       out_specs=[s["rows_v"]] * L,
       out_shape=[jax.ShapeDtypeStruct((B, T, H, V), jnp.float32)] * L,
@@ -497,16 +505,10 @@ def _grad_specs(L, C, K, V, BK, H):
   return dict(
       key=lambda width: _rows_spec(H, C, width, 2),
       rows=lambda width: _rows_spec(H, C, width, None),
-      k_blk=[pl.BlockSpec((None, C, None, None, BK), at(lambda b, h, n, i, l=l: (b, n, h, l, i)))
-             for l in range(L)],
-      k_all=[pl.BlockSpec((None, C, None, None, K), at(lambda b, h, n, l=l: (b, n, h, l, 0)))
-             for l in range(L)],
-      v_all=[pl.BlockSpec((None, C, None, None, V),
-                          at(lambda b, h, n, *_, l=l: (b, n, h, l, 0))) for l in range(L)],
-      beta=[pl.BlockSpec((None, C, None, None), at(lambda b, h, n, *_, l=l: (b, n, h, l)))
-            for l in range(L)],
-      G=pl.BlockSpec((None, C, None), at(lambda b, h, n, *_: (b, n, h))),
-      seq=pl.BlockSpec((None, C), at(lambda b, h, n, *_: (b, n))),
+      k_blk=[_rows_spec(H, C, BK, 2, l) for l in range(L)],
+      k_all=[_rows_spec(H, C, K, None, l) for l in range(L)],
+      v_all=[_rows_spec(H, C, V, None, l) for l in range(L)],
+      **_gate_specs(L, C, H),
       h_blk=pl.BlockSpec((None, None, BK, V), at(lambda b, h, n, i: (b, h, n * nK + i, 0))),
       h_all=pl.BlockSpec((None, None, K, V), at(lambda b, h, n: (b, h, n, 0))),
       part=pl.BlockSpec((None, None, C, None), at(lambda b, h, n, i: (i, b, n, h))),

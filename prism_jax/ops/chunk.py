@@ -32,6 +32,7 @@ Derivation: `prism_jax/ops/README.md`.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -228,6 +229,23 @@ def _chunk_core(opts, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0):
   return _core_fwd(opts, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0)[0]
 
 
+class CoreResiduals(NamedTuple):
+  """What `_core_fwd` keeps for `_core_bwd` (chunk-major arrays)."""
+  q: jax.Array
+  keys: jax.Array
+  w: jax.Array
+  b1: jax.Array
+  decay: jax.Array
+  gamma: jax.Array
+  to_end: jax.Array
+  gamma_end: jax.Array
+  qk_kk: jax.Array  # [Q Kᵀ ; K₁ Kᵀ]
+  inv: jax.Array  # (I + A)⁻¹
+  uw: jax.Array  # [U | Wk]
+  states: jax.Array  # the state entering every chunk
+  x: jax.Array
+
+
 def _core_fwd(opts, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0, states=None):
   """Forward of `_chunk_core` and its residuals. With `states` (the state entering every chunk,
   saved by an earlier forward) the pass over chunks is skipped: X comes from one batched product
@@ -259,8 +277,8 @@ def _core_fwd(opts, q, keys, w, b1, decay, gamma, to_end, gamma_end, h0, states=
   # O = [γ ⊙ Q | P] [S₀ ; Y] as one product.
   o = mm("...ij,...jv->...iv", jnp.concatenate([gamma[..., None] * q, p], axis=-1),
                jnp.concatenate([states, y], axis=-2))
-  res = (q, keys, w, b1, decay, gamma, to_end, gamma_end, qk_kk, inv, uw, states, x)
-  return (o, final), res
+  return (o, final), CoreResiduals(q, keys, w, b1, decay, gamma, to_end, gamma_end, qk_kk, inv,
+                                    uw, states, x)
 
 
 def _core_bwd(opts, res, cotangents):
@@ -407,8 +425,7 @@ def _segmented_fwd(static, q, k, v, beta, g, scale, seq, seq_before, h0):
     raw, prepare = _segment(static, i, (q, k, v, beta, g), seq, seq_before)
     (o_i, new_state), res = _core_fwd(opts, *prepare(*raw, scale), state)
     o = jax.lax.dynamic_update_slice_in_dim(o, _time_major(o_i), i * S, axis=1)
-    entering = res[-2]  # the state entering each of the segment's chunks
-    starts = jax.lax.dynamic_update_slice_in_dim(starts, entering, i * (S // C), axis=0)
+    starts = jax.lax.dynamic_update_slice_in_dim(starts, res.states, i * (S // C), axis=0)
     return o, starts, new_state
 
   o = jnp.zeros((B, T, H, v.shape[-1]), jnp.float32)

@@ -120,15 +120,14 @@ def chunk_gates(G_col, G_row, seq_col, seq_row, prev_col) -> ChunkGates:
 
 def end_gates(G_col, seq_col, prev_col):
   """γ, e, γ_C and the last-row mask of `chunk_gates`, without its C × C masks (all a pass
-  over chunks needs)."""
-  C = G_col.shape[0]
+  over chunks needs). The chunk runs along axis −2: columns [C, 1] inside a kernel, or whole
+  arrays [..., C, H] with seq_col, prev_col [..., C, 1]."""
+  C = G_col.shape[-2]
   is_last = _iota((C, 1), 0) == C - 1
-  G_last = jnp.sum(jnp.where(is_last, G_col, 0.0), axis=0, keepdims=True)  # [1, 1]
-  seq_last = jnp.sum(jnp.where(is_last, seq_col, 0.0), axis=0, keepdims=True)  # [1, 1]
+  last = lambda x: jnp.sum(jnp.where(is_last, x, 0.0), axis=-2, keepdims=True)  # [..., 1, ·]
   gamma = jnp.exp(jnp.where(seq_col == prev_col, G_col, -jnp.inf))
-  to_end = jnp.exp(jnp.where(seq_col == seq_last, G_last - G_col, -jnp.inf))
-  gamma_last = jnp.sum(jnp.where(is_last, gamma, 0.0), axis=0, keepdims=True)
-  return gamma, to_end, gamma_last, is_last
+  to_end = jnp.exp(jnp.where(seq_col == last(seq_col), last(G_col) - G_col, -jnp.inf))
+  return gamma, to_end, last(gamma), is_last
 
 
 def unit_lower_inverse(a, solve=HIGHEST):
@@ -184,7 +183,8 @@ def _raw_keys(k1, kl, gates: ChunkGates, precision):
 
 
 def next_state(state, x, k: Sequence, w: Sequence, gates: ChunkGates, precision):
-  """S' = γ_C S + (K¹ ⊙ e)ᵀ X + Σ_{l≥2} (K^l ⊙ e)ᵀ W^l; state [K, V], x and w [C, V]."""
+  """S' = γ_C S + (K¹ ⊙ e)ᵀ X + Σ_{l≥2} (K^l ⊙ e)ᵀ W^l; state [K, V], x and w^l [C, V]
+  (w[0] is not read: X takes its place)."""
   new = gates.gamma_last * state
   for kl, yl in zip(k, (x, *w[1:])):  # e scales the [C, V] side; keys stay as loaded
     new = new + mm(kl, gates.to_end * yl, precision, ta=True)
@@ -192,7 +192,8 @@ def next_state(state, x, k: Sequence, w: Sequence, gates: ChunkGates, precision)
 
 
 def chunk_output(q, state, x, k: Sequence, w: Sequence, gates: ChunkGates, precision):
-  """O = γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l; q already scaled [C, K]; result [C, V]."""
+  """O = γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l; q already scaled [C, K]; result [C, V]
+  (w[0] is not read: Y¹ = X)."""
   o = gates.gamma * mm(q, state, precision)
   for kl, yl in zip(k, (x, *w[1:])):
     p = jnp.where(gates.causal, mm(q, kl, precision, tb=True) * gates.decay, 0.0)
@@ -324,6 +325,8 @@ def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, 
     kk = sum(mm(k[0][:, c], kl[:, c], precision, tb=True) for c in k_blocks)
     return jnp.where(gates.strict, kk * gates.decay, 0.0)
 
+  # dR and dBk are formed again wherever they are needed (once per write, twice for dBk):
+  # one C × C × 64 product each, cheaper than holding them live in a kernel.
   dr_of = lambda c: mm(inv, dx[:, c], solve, ta=True)
   dbk_of = lambda c: -mm(inv, dxs[:, c], solve, ta=True)
 
