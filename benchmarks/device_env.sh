@@ -57,6 +57,8 @@ job() {
       done; done; done; wait
       grep -h '^compile' "$LOG"/cc_*.txt; rm -f "$LOG"/cc_*.txt ;;
     stages) python3 -W ignore benchmarks/kernels.py --stages $extra ;;
+    # Device time of every kernel inside Pallas and fla fwd / fwd+bwd (profiler traces).
+    profile) python3 -W ignore benchmarks/kernels.py --profile ${extra:---writes 1,2} ;;
     # Data parallel, FSDP and tensor parallel on every device of the machine.
     scaling) python3 benchmarks/scaling.py --budget-s 220 --preset-min-s 60 --impl chunk $extra \
       --json "$LOG/$name.json" --markdown "$LOG/$name.md" ;;

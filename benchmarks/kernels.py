@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py [--quick] [--skip-naive] [--json PATH]
     python benchmarks/kernels.py --memory     # peak memory of Pallas fwd+bwd, fresh process
+    python benchmarks/kernels.py --profile --writes 1,2   # device time of every kernel
 
 Times are medians over samples after warm-up; each sample is the mean of enough back-to-back
 calls to last ~20 ms, closed by a device synchronisation (`block_until_ready`, or the CUDA
@@ -92,16 +93,12 @@ def time_jax(impl, args, do, samples, backward=True):
   return fwd, both
 
 
-def time_fla(args, do):
-  """flash-linear-attention's chunk_gated_delta_rule (L = 1 only), or None if unavailable."""
-  try:
-    import torch
-    import triton
-    import fla.ops.common.chunk_o as chunk_o
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-  except ImportError as err:
-    print(f"flash-linear-attention unavailable: {err}", file=sys.stderr)
-    return None
+def _fla_calls(args, do):
+  """flash-linear-attention's chunk_gated_delta_rule (L = 1) as (forward, forward+backward)
+  closures over PyTorch copies of the inputs."""
+  import torch
+  import fla.ops.common.chunk_o as chunk_o
+  from fla.ops.gated_delta_rule import chunk_gated_delta_rule
   # Its backward refuses Hopper with Triton < 3.7.1 (a correctness guard); timing only.
   chunk_o.IS_NVIDIA_HOPPER = False
   to_t = lambda x, grad=True: torch.from_numpy(np.asarray(x, np.float32)).cuda().to(
@@ -117,7 +114,17 @@ def time_fla(args, do):
   def both():
     o = chunk_gated_delta_rule(tq, tk, tv, tg, tb)[0]
     o.backward(tdo)
+  return fwd, both
 
+
+def time_fla(args, do):
+  """flash-linear-attention's chunk_gated_delta_rule (L = 1 only), or None if unavailable."""
+  try:
+    import triton
+    fwd, both = _fla_calls(args, do)
+  except ImportError as err:
+    print(f"flash-linear-attention unavailable: {err}", file=sys.stderr)
+    return None
   median = lambda fn: float(triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median"))
   return median(fwd), median(both)
 
@@ -189,6 +196,61 @@ def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16, 
   }
 
 
+def profile_kernels(shape, writes, runs=5):
+  """Device time of every kernel inside Pallas forward+backward (a `jax.profiler` trace) and
+  inside flash-linear-attention's (the PyTorch profiler, L = 1), per run: where each side's time
+  goes, without the host synchronisation a kernel timed alone pays. Prints one JSON line per
+  implementation and L: {"profile": ..., "kernels": {name: µs per run}, "busy_us": ...}."""
+  import tempfile
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import trace_summary
+  B, T, H, D = shape
+  label = f"B{B} T{T} H{H} K=V={D}"
+  for L in writes:
+    args, do = make_inputs(B, T, H, D, L)
+    fb = jax.jit(fwd_bwd_fn("pallas"))
+    f = jax.jit(forward_fn("pallas"))
+    for name, call in (("pallas fwd", lambda: f(*args)), ("pallas fwd+bwd", lambda: fb(args, do))):
+      jax.block_until_ready(call())
+      with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+          for _ in range(runs):
+            jax.block_until_ready(call())
+        summary = trace_summary.summarise(trace_summary.latest_trace(tmp), top=40,
+                                           by="kernel")
+      kernels = {r["name"]: round(r["per_step_us"], 1) for r in summary["rows"]}
+      print(json.dumps({"profile": name, "shape": label, "L": L, "runs": summary["steps"],
+                        "busy_us": round(summary["busy_us"], 1), "kernels": kernels}), flush=True)
+    if L == 1:
+      try:
+        _profile_fla(args, do, label, runs)
+      except Exception as err:  # keep the JAX rows when the PyTorch side breaks
+        print(f"fla profile failed: {err!r}"[:2000], file=sys.stderr)
+
+
+def _profile_fla(args, do, label, runs):
+  import torch
+  from torch.profiler import ProfilerActivity, profile
+  fwd, both = _fla_calls(args, do)
+  for name, call in (("fla fwd", fwd), ("fla fwd+bwd", both)):
+    for _ in range(3):
+      call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+      for _ in range(runs):
+        call()
+      torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.key_averages():
+      us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+      if us and e.key and not e.key.startswith(("ProfilerStep", "aten::")):
+        kernels[e.key] = round(us / runs, 1)
+    kernels = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:40])
+    print(json.dumps({"profile": name, "shape": label, "L": 1, "runs": runs,
+                      "busy_us": round(sum(kernels.values()), 1), "kernels": kernels}),
+          flush=True)
+
+
 def _block_sizes(spec):
   from pallas_kernels.gpu.kernels import BlockSizes
   return BlockSizes.parse(spec, CHUNK)
@@ -258,6 +320,9 @@ def main():
   parser.add_argument("--warps", default=None,
                       help='with --stages: per-kernel warps to time, e.g. '
                            '"prism_inverse=2;prism_inverse=8,prism_output=8"')
+  parser.add_argument("--profile", action="store_true",
+                      help="device time of every kernel of Pallas and fla fwd / fwd+bwd at the "
+                           "first shape (L from --writes)")
   parser.add_argument("--json", default=None)
   parser.add_argument("--compile-check", default=None,
                       help='tilings to try, e.g. "64,4,2;32,4,1"; the first that compiles is '
@@ -275,6 +340,9 @@ def main():
     return
   if a.memory:
     print(json.dumps(peak_memory()))
+    return
+  if a.profile:
+    profile_kernels(SHAPES[0], tuple(int(x) for x in a.writes.split(",")))
     return
   if a.stages:
     from pallas_kernels.prism import gpu_block_sizes
