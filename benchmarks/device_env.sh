@@ -52,7 +52,7 @@ job() {
     # Which (dtype, head dim, L) the compiled kernels fit in shared memory: one compile each.
     compile_matrix)
       for d in float32 bfloat16; do for D in 64 128; do for L in 1 2 3 4; do
-        python3 -W ignore benchmarks/kernels.py --compile-check "${PRISM_GPU_BLOCKS:-64,4,2}" \
+        python3 -W ignore benchmarks/kernels.py --compile-check "${PRISM_GPU_BLOCKS:-64,4,3}" \
           --dtype $d --dim $D --writes $L > "$LOG/cc_${d}_${D}_$L.txt" 2>&1 &
       done; done; done; wait
       grep -h '^compile' "$LOG"/cc_*.txt; rm -f "$LOG"/cc_*.txt ;;

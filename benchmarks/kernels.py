@@ -5,8 +5,9 @@
     python benchmarks/kernels.py --profile --writes 1,2   # device time of every kernel
 
 Times are medians over samples after warm-up; each sample is the mean of enough back-to-back
-calls to last ~20 ms, closed by a device synchronisation (`block_until_ready`, or the CUDA
-events of `triton.testing.do_bench` for flash-linear-attention). Inputs are bf16 (log-decay
+calls to last ~20 ms, closed by one device synchronisation (`block_until_ready` of the last
+call; for flash-linear-attention the CUDA events of `triton.testing.do_bench`, which include
+the gaps PyTorch leaves between its kernels). `--profile` gives each side's kernel time alone. Inputs are bf16 (log-decay
 float32), keys L2-normalised, fresh random data. The floor is max(FLOPs / 790 TFLOP/s,
 bytes / 4.3 TB/s) — the bf16 matrix rate and copy bandwidth measured on this H200 — with FLOPs
 the matrix products of the chunked form (C = 64) and bytes one read of every input and one
@@ -68,28 +69,32 @@ def fwd_bwd_fn(impl):
 
 
 def median_ms(call, target_s=0.02, samples=7):
-  """Median per-call milliseconds of `call()` (which must synchronise the device)."""
-  call()
-  call()
+  """Median per-call milliseconds of `call()` (which returns JAX arrays without waiting for
+  them): each sample issues enough calls back to back to last ~`target_s` and then waits for
+  the last one's results, so the time is the device's per call (or the host's, if dispatching
+  is slower) without one host round trip per call."""
+  jax.block_until_ready(call())
+  jax.block_until_ready(call())
   t0 = time.perf_counter()
-  call()
-  reps = max(1, min(100, int(target_s / max(time.perf_counter() - t0, 1e-6))))
+  jax.block_until_ready(call())
+  reps = max(1, min(200, int(target_s / max(time.perf_counter() - t0, 1e-6))))
   times = []
   for _ in range(samples):
     t0 = time.perf_counter()
     for _ in range(reps):
-      call()
+      out = call()
+    jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) / reps)
   return 1e3 * float(np.median(times))
 
 
 def time_jax(impl, args, do, samples, backward=True):
   f = jax.jit(forward_fn(impl))
-  fwd = median_ms(lambda: jax.block_until_ready(f(*args)), samples=samples)
+  fwd = median_ms(lambda: f(*args), samples=samples)
   if not backward:
     return fwd, None
   fb = jax.jit(fwd_bwd_fn(impl))
-  both = median_ms(lambda: jax.block_until_ready(fb(args, do)), samples=samples)
+  both = median_ms(lambda: fb(args, do), samples=samples)
   return fwd, both
 
 
@@ -173,15 +178,16 @@ def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16, 
   solve = dict(solve=kw["precision"] if solve is None else solve)
   f32 = lambda *shape: jnp.zeros(shape, jnp.float32)
   rows, stored = f32(B, T, H, D), f32(B, T, H, D).astype(store["store_dtype"])
+  inv = f32(B, T, H, CHUNK).astype(store["store_dtype"])
   state = f32(B, H, D, D)
   h = f32(B, H, T // CHUNK * D, D).astype(store["store_dtype"])
   scale = dict(scale=0.1)
   call = lambda fn, *extra: jax.jit(lambda *a: fn(*a, **kw, **{k: v for d in extra
                                                              for k, v in d.items()}))
   return {
-      "inverse": (call(gk.inverse, inv_solve), (k, beta, G, seq)),
+      "inverse": (call(gk.inverse, inv_solve, store), (k, beta, G, seq)),
       "apply_inverse": (call(gk.apply_inverse, solve, store),
-                        (k, v, beta, G, seq, prev, f32(B, T, H, CHUNK))),
+                        (k, v, beta, G, seq, prev, inv)),
       "state_forward": (call(gk.state_forward, store),
                         (k, v, beta, G, seq, prev, rows, stored, state)),
       "output": (call(gk.output, scale), (q, k, v, beta, G, seq, prev, stored, h)),
@@ -191,7 +197,7 @@ def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16, 
       "state_grads": (call(gk.state_grads, scale),
                       (q, k, v, beta, G, seq, prev, stored, h, h, rows, do)),
       "wy_grads": (call(gk.wy_grads, solve),
-                   (k, v, beta, G, seq, prev, f32(B, T, H, CHUNK), rows, stored, rows, rows, h,
+                   (k, v, beta, G, seq, prev, inv, rows, stored, rows, rows, h,
                     [rows] * L, [rows] * L)),
   }
 
@@ -206,8 +212,10 @@ def profile_kernels(shape, writes, runs=5):
   import trace_summary
   B, T, H, D = shape
   label = f"B{B} T{T} H{H} K=V={D}"
-  for L in writes:
+  fla_args = None
+  for L in writes:  # JAX first: once PyTorch's profiler has run, CUPTI refuses a second client
     args, do = make_inputs(B, T, H, D, L)
+    fla_args = (args, do) if L == 1 else fla_args
     fb = jax.jit(fwd_bwd_fn("pallas"))
     f = jax.jit(forward_fn("pallas"))
     for name, call in (("pallas fwd", lambda: f(*args)), ("pallas fwd+bwd", lambda: fb(args, do))):
@@ -218,14 +226,15 @@ def profile_kernels(shape, writes, runs=5):
             jax.block_until_ready(call())
         summary = trace_summary.summarise(trace_summary.latest_trace(tmp), top=40,
                                            by="kernel")
-      kernels = {r["name"]: round(r["per_step_us"], 1) for r in summary["rows"]}
-      print(json.dumps({"profile": name, "shape": label, "L": L, "runs": summary["steps"],
-                        "busy_us": round(summary["busy_us"], 1), "kernels": kernels}), flush=True)
-    if L == 1:
-      try:
-        _profile_fla(args, do, label, runs)
-      except Exception as err:  # keep the JAX rows when the PyTorch side breaks
-        print(f"fla profile failed: {err!r}"[:2000], file=sys.stderr)
+      kernels = {r["name"]: round(r["total_us"] / runs, 1) for r in summary["rows"]}
+      print(json.dumps({"profile": name, "shape": label, "L": L, "runs": runs,
+                        "busy_us": round(sum(kernels.values()), 1), "kernels": kernels}),
+            flush=True)
+  if fla_args is not None:
+    try:
+      _profile_fla(*fla_args, label, runs)
+    except Exception as err:  # keep the JAX rows when the PyTorch side breaks
+      print(f"fla profile failed: {err!r}"[:2000], file=sys.stderr)
 
 
 def _profile_fla(args, do, label, runs):
@@ -292,7 +301,7 @@ def stage_times(bs, shape, writes, solve=None, only=None):
       if only and name not in only:
         continue
       try:
-        row[name] = median_ms(lambda: jax.block_until_ready(fn(*args)))
+        row[name] = median_ms(lambda: fn(*args))
       except Exception as err:  # one stage failing must not hide the others
         row[name] = str(err).split("\n")[0][-90:]
     print(json.dumps({"stages": row}), flush=True)
@@ -308,10 +317,10 @@ def main():
   parser.add_argument("--skip-naive", action="store_true")
   parser.add_argument("--memory", action="store_true")
   parser.add_argument("--stages", action="store_true",
-                      help="time each kernel alone at the first shape (L from --writes)")
+                      help="time each kernel alone at one shape (--shape; L from --writes)")
   parser.add_argument("--tilings", default=None,
-                      help='with --stages: tilings "block_v,num_warps,num_stages[,block_k[,'
-                           'grads_num_warps]];..." to time '
+                      help='with --stages: tilings to time, ";"-separated, each in '
+                           'BlockSizes.parse\'s format "block_v,num_warps,num_stages[,...]" '
                            '(default: the one the kernels use)')
   parser.add_argument("--solves", default=None,
                       help=f"with --stages: precisions of the inverse to time, from {SOLVES}")
@@ -321,8 +330,10 @@ def main():
                       help='with --stages: per-kernel warps to time, e.g. '
                            '"prism_inverse=2;prism_inverse=8,prism_output=8"')
   parser.add_argument("--profile", action="store_true",
-                      help="device time of every kernel of Pallas and fla fwd / fwd+bwd at the "
-                           "first shape (L from --writes)")
+                      help="device time of every kernel of Pallas and fla fwd / fwd+bwd at one "
+                           "shape (--shape; L from --writes)")
+  parser.add_argument("--shape", type=int, default=0,
+                      help=f"with --stages / --profile: which of {SHAPES} (B, T, H, K = V)")
   parser.add_argument("--json", default=None)
   parser.add_argument("--compile-check", default=None,
                       help='tilings to try, e.g. "64,4,2;32,4,1"; the first that compiles is '
@@ -342,7 +353,7 @@ def main():
     print(json.dumps(peak_memory()))
     return
   if a.profile:
-    profile_kernels(SHAPES[0], tuple(int(x) for x in a.writes.split(",")))
+    profile_kernels(SHAPES[a.shape], tuple(int(x) for x in a.writes.split(",")))
     return
   if a.stages:
     from pallas_kernels.prism import gpu_block_sizes
@@ -357,7 +368,7 @@ def main():
           for bs in tilings for group in a.warps.split(";")]
     for bs in tilings:
       for solve in solves:
-        stage_times(bs, SHAPES[0], tuple(int(x) for x in a.writes.split(",")), solve,
+        stage_times(bs, SHAPES[a.shape], tuple(int(x) for x in a.writes.split(",")), solve,
                     a.only and a.only.split(","))
     return
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")

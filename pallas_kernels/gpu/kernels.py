@@ -37,34 +37,40 @@ from prism_jax.ops import chunk_math as cm
 class BlockSizes:
   """Tiling of the GPU kernels. chunk: positions per chunk (C); block_v: value columns per
   program or per step of a loop over value blocks; block_k: key columns per program of the
-  state-side gradient kernel; num_warps / num_stages: Triton launch parameters;
-  seq_num_warps: warps of the two sequential passes over chunks (on the H200, B4 T4096 H16
-  K=V=128: the state cotangent pass 1.76 ms with 8 warps, 2.50 ms with 4); grads_num_warps:
-  warps of the two gradient kernels (measured there: state side 0.70 ms with 4, 1.06 with 8;
-  WY side 1.02 and 1.76); seq_block_v: value columns per program of the two passes over
-  chunks; kernel_warps: ((kernel name, warps), ...) overriding the above (tuning runs)."""
+  state-side gradient kernel; num_warps / num_stages: Triton launch parameters (num_stages
+  pipelines the loads of the loops over chunks and over column blocks); seq_num_warps: warps of
+  the two sequential passes over chunks; grads_num_warps: warps of the two gradient kernels;
+  inverse_num_warps: warps of the (I + A)⁻¹ kernel; seq_block_v: value columns per program of
+  the two passes over chunks, halved (and run with seq_narrow_warps) when fewer than
+  seq_min_programs programs would share the GPU (`seq_tiling`); kernel_warps: ((kernel name, warps), ...) overriding the above
+  (tuning runs). The defaults are the fastest measured on the H200 (benchmarks/RESULTS.md)."""
   chunk: int = 64
   block_v: int = 64
   num_warps: int = 4
-  num_stages: int = 2
+  num_stages: int = 3
   block_k: int = 64
   grads_num_warps: int = 4
   seq_block_v: int = 64
   seq_num_warps: int = 8
+  inverse_num_warps: int = 2
+  seq_min_programs: int = 100
+  seq_narrow_warps: int = 4
   kernel_warps: tuple = ()
 
-  FIELDS = ("block_v", "num_warps", "num_stages", "block_k", "grads_num_warps", "seq_block_v")
+  FIELDS = ("block_v", "num_warps", "num_stages", "block_k", "grads_num_warps", "seq_block_v",
+            "seq_num_warps", "inverse_num_warps", "seq_min_programs", "seq_narrow_warps")
 
   @classmethod
   def parse(cls, spec: str, chunk: int = 64) -> "BlockSizes":
-    """From "block_v,num_warps,num_stages[,block_k[,grads_num_warps[,seq_block_v]]]"."""
+    """From "block_v,num_warps,num_stages[,block_k[,...]]", the integer fields in the order of
+    FIELDS (omitted fields keep their defaults)."""
     try:
       fields = [int(x) for x in spec.split(",")]
       if not 3 <= len(fields) <= len(cls.FIELDS):
         raise ValueError
     except ValueError as err:
-      raise ValueError(f'GPU tiling must be "{",".join(cls.FIELDS[:3])}[,'
-                       f'{"[,".join(cls.FIELDS[3:])}{"]" * 3}" integers, got {spec!r}') from err
+      raise ValueError(f'GPU tiling must be 3 to {len(cls.FIELDS)} integers '
+                       f'"{",".join(cls.FIELDS)}", got {spec!r}') from err
     return cls(chunk=chunk, **dict(zip(cls.FIELDS, fields)))
 
   def __post_init__(self):
@@ -76,7 +82,8 @@ class BlockSizes:
 
 # The BlockSizes field that sets each kernel's warps (num_warps for the others).
 WARPS_FIELD = {"prism_state_forward": "seq_num_warps", "prism_state_backward": "seq_num_warps",
-               "prism_state_grads": "grads_num_warps", "prism_wy_grads": "grads_num_warps"}
+               "prism_state_grads": "grads_num_warps", "prism_wy_grads": "grads_num_warps",
+               "prism_inverse": "inverse_num_warps"}
 
 
 def warps(bs: BlockSizes, name: str) -> int:
@@ -159,7 +166,8 @@ def _inverse_kernel(k1_ref, beta1_ref, G_ref, seq_ref, inv_ref, *, precision, so
   zero = jnp.zeros((SUB, SUB), jnp.float32)
   for i in range(n):
     for j in range(n):
-      inv_ref[rows(i), pl.ds(j * SUB, SUB)] = inv[i, j] if j <= i else zero
+      inv_ref[rows(i), pl.ds(j * SUB, SUB)] = (inv[i, j] if j <= i else zero).astype(
+          inv_ref.dtype)
 
 
 def _apply_kernel(*refs, L, precision, solve):
@@ -167,14 +175,17 @@ def _apply_kernel(*refs, L, precision, solve):
   k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, inv_ref, u_ref, wk_ref) = (
       cm.split_refs(refs, (L, L, L, 6)))
   gates = _gates(G_ref, seq_ref, prev_ref)
-  k = [r[...] for r in k_refs]  # input dtype: K K^lᵀ stays a bf16 product for bf16
+  b1 = _col(beta_refs[0][...])
+  # Keys in the input dtype (K K^lᵀ stays a bf16 product for bf16); at L = 1 R does not read
+  # them, so only the program that forms Wk loads K¹.
+  k = [r[...] for r in k_refs] if L > 1 else [None]
   w = [_col(b[...]) * r[...].astype(jnp.float32) for b, r in zip(beta_refs, v_refs)]
-  rhs, bk = cm.right_hand_sides(k, w, _col(beta_refs[0][...]), gates, precision)
   inv = inv_ref[...]
-  u_ref[...] = cm.mm(inv, rhs, solve)
+  u_ref[...] = cm.mm(inv, cm.value_right_hand_side(k, w, b1, gates, precision), solve)
 
   @pl.when(pl.program_id(2) == 0)  # Wk does not depend on the value block
   def _():
+    bk = cm.key_right_hand_side(k_refs[0][...], b1, gates)
     wk_ref[...] = cm.mm(inv, bk, solve).astype(wk_ref.dtype)
 
 
@@ -353,24 +364,38 @@ def _chunk_specs(bs: BlockSizes, k, V):
   )
 
 
+def seq_tiling(bs: BlockSizes, B: int, H: int, V: int) -> tuple[int, BlockSizes]:
+  """Value columns per program of the two passes over chunks, and the BlockSizes to launch them
+  with. A pass runs B·H·V/BV programs, each a serial chain over the chunks: when they are too
+  few to fill the GPU, narrower blocks double them (on the H200, B1 T16384 H16 K=V=128, 32
+  programs of 64 columns: state pass 0.44 ms, cotangent pass 0.91; 64 programs of 32 columns
+  with 4 warps: 0.33 and 0.50; at B4 T4096, 128 programs, 64 columns stay faster)."""
+  BV = min(bs.seq_block_v, V)
+  if B * H * (V // BV) < bs.seq_min_programs and BV >= 32:
+    return BV // 2, dataclasses.replace(bs, seq_num_warps=bs.seq_narrow_warps)
+  return BV, bs
+
+
 def _block_v(bs: BlockSizes, V: int) -> int:
   return min(bs.block_v, V)
 
 
 def prepare(k, v, beta, G, seq, prev, *, bs: BlockSizes, precision, interpret,
             store_dtype=jnp.float32):
-  """U [B,T,H,V] float32, Wk [B,T,H,K] in store_dtype (it is only ever a product operand) and
-  the rows of every chunk's (I + A)⁻¹ [B,T,H,C] float32: `inverse` in float32 products,
-  then `apply_inverse` at `precision`."""
+  """U [B,T,H,V] float32, and Wk [B,T,H,K] and the rows of every chunk's (I + A)⁻¹ [B,T,H,C]
+  in store_dtype (both are only ever product operands at `precision`): `inverse` in float32
+  products, then `apply_inverse` at `precision`."""
   kw = dict(bs=bs, precision=precision, interpret=interpret)
-  inv = inverse(k, beta, G, seq, solve=cm.HIGHEST, **kw)
+  inv = inverse(k, beta, G, seq, solve=cm.HIGHEST, store_dtype=store_dtype, **kw)
   u, wk = apply_inverse(k, v, beta, G, seq, prev, inv, store_dtype=store_dtype, solve=precision,
                         **kw)
   return u, wk, inv
 
 
-def inverse(k, beta, G, seq, *, bs: BlockSizes, precision, interpret, solve=cm.HIGHEST):
-  """(I + A)⁻¹ of every chunk, once per chunk (grid (B·H, N)): rows [B,T,H,C] float32."""
+def inverse(k, beta, G, seq, *, bs: BlockSizes, precision, interpret, solve=cm.HIGHEST,
+            store_dtype=jnp.float32):
+  """(I + A)⁻¹ of every chunk, once per chunk (grid (B·H, N)): rows [B,T,H,C], computed in
+  float32 and stored in store_dtype."""
   B, T, H, L, K = k.shape
   C = bs.chunk
   at = lambda f: (lambda bh, n: f(bh // H, bh % H, n))
@@ -382,7 +407,7 @@ def inverse(k, beta, G, seq, *, bs: BlockSizes, precision, interpret, solve=cm.H
                 pl.BlockSpec((None, C, None), at(lambda b, h, n: (b, n, h))),
                 pl.BlockSpec((None, C), at(lambda b, h, n: (b, n)))],
       out_specs=pl.BlockSpec((None, C, None, C), at(lambda b, h, n: (b, n, h, 0))),
-      out_shape=jax.ShapeDtypeStruct((B, T, H, C), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((B, T, H, C), store_dtype),
       **_launch("prism_inverse", bs, interpret),
   )(k, beta, G, seq)
 
@@ -426,7 +451,7 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, bs: BlockSizes, precis
   later kernels read them only as product operands), final state [B,H,K,V] float32."""
   B, T, H, L, K = k.shape
   V, C = v.shape[-1], bs.chunk
-  BV = min(bs.seq_block_v, V)
+  BV, bs = seq_tiling(bs, B, H, V)
   ks, vs, betas, G_spec, _, rows_k, rows_v = _seq_specs(L, T, K, BV)
   state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
   h_spec = pl.BlockSpec((None, None, T // C * K, BV), lambda b, h, j: (b, h, 0, j))
@@ -481,7 +506,7 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, bs: BlockS
   (`local_dy`)."""
   B, T, H, L, K = k.shape
   V, C = do.shape[-1], bs.chunk
-  BV = min(bs.seq_block_v, V)
+  BV, bs = seq_tiling(bs, B, H, V)
   ks, _, _, G_spec, _, rows_k, rows_v = _seq_specs(1, T, K, BV)
   state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
   h_spec = pl.BlockSpec((None, None, T // C * K, BV), lambda b, h, j: (b, h, 0, j))

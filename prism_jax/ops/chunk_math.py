@@ -171,10 +171,20 @@ def intra_chunk(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision,
 def right_hand_sides(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision):
   """What (I + A)⁻¹ is applied to: R = W¹ − Σ_{l≥2} M^l W^l (M^l = β¹ ⊙ strict(K¹K^lᵀ ⊙ D))
   and Bk = β¹γ ⊙ K¹. Returns (R [C, V], Bk [C, K])."""
+  return value_right_hand_side(k, w, b1, gates, precision), key_right_hand_side(k[0], b1, gates)
+
+
+def value_right_hand_side(k: Sequence, w: Sequence, b1, gates: ChunkGates, precision):
+  """R = W¹ − Σ_{l≥2} M^l W^l [C, V] (k[0] is not read when L = 1)."""
   rhs = w[0]
   for kl, wl in zip(k[1:], w[1:]):
     rhs = rhs - mm(b1 * _raw_keys(k[0], kl, gates, precision), wl, precision)
-  return rhs, (b1 * gates.gamma) * k[0]
+  return rhs
+
+
+def key_right_hand_side(k1, b1, gates: ChunkGates):
+  """Bk = β¹γ ⊙ K¹ [C, K]."""
+  return (b1 * gates.gamma) * k1
 
 
 def _raw_keys(k1, kl, gates: ChunkGates, precision):
