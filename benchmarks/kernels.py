@@ -7,8 +7,8 @@
 Times are medians over samples after warm-up; each sample is the mean of enough back-to-back
 calls to last ~20 ms, closed by one device synchronisation (`block_until_ready` of the last
 call; for flash-linear-attention the CUDA events of `triton.testing.do_bench`, which include
-the gaps PyTorch leaves between its kernels). `--profile` gives each side's kernel time alone. Inputs are bf16 (log-decay
-float32), keys L2-normalised, fresh random data. The floor is max(FLOPs / 790 TFLOP/s,
+the gaps PyTorch leaves between its kernels). `--profile` gives each side's kernel time
+alone. Inputs are bf16 (log-decay float32), keys L2-normalised, fresh random data. The floor is max(FLOPs / 790 TFLOP/s,
 bytes / 4.3 TB/s) — the bf16 matrix rate and copy bandwidth measured on this H200 — with FLOPs
 the matrix products of the chunked form (C = 64) and bytes one read of every input and one
 write of every output.
@@ -170,6 +170,7 @@ def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16, 
   from pallas_kernels.gpu.prism import operand_precision, store_dtype
   from pallas_kernels.prism import kernel_inputs
   (q, k, v, beta, g), do = make_inputs(B, T, H, D, L, seed, dtype)
+  bs = bs.fitted(dtype, L)  # what the custom_vjp launches
   G, seq, prev = kernel_inputs(g, None, B, T, CHUNK)
   kw = dict(bs=bs, precision=operand_precision(dtype), interpret=interpret)
   store = dict(store_dtype=store_dtype(dtype))

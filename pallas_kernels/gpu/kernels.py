@@ -42,8 +42,9 @@ class BlockSizes:
   the two sequential passes over chunks; grads_num_warps: warps of the two gradient kernels;
   inverse_num_warps: warps of the (I + A)⁻¹ kernel; seq_block_v: value columns per program of
   the two passes over chunks, halved (and run with seq_narrow_warps) when fewer than
-  seq_min_programs programs would share the GPU (`seq_tiling`); kernel_warps: ((kernel name, warps), ...) overriding the above
-  (tuning runs). The defaults are the fastest measured on the H200 (benchmarks/RESULTS.md)."""
+  seq_min_programs programs would share the GPU (`seq_tiling`); kernel_warps: ((kernel name,
+  warps), ...) overriding the above (tuning runs); kernel_stages: the same for num_stages
+  (`fitted` sets it). The defaults are the fastest measured on the H200 (RESULTS.md)."""
   chunk: int = 64
   block_v: int = 64
   num_warps: int = 4
@@ -56,6 +57,7 @@ class BlockSizes:
   seq_min_programs: int = 100
   seq_narrow_warps: int = 4
   kernel_warps: tuple = ()
+  kernel_stages: tuple = ()
 
   FIELDS = ("block_v", "num_warps", "num_stages", "block_k", "grads_num_warps", "seq_block_v",
             "seq_num_warps", "inverse_num_warps", "seq_min_programs", "seq_narrow_warps")
@@ -72,6 +74,19 @@ class BlockSizes:
       raise ValueError(f'GPU tiling must be 3 to {len(cls.FIELDS)} integers '
                        f'"{",".join(cls.FIELDS)}", got {spec!r}') from err
     return cls(chunk=chunk, **dict(zip(cls.FIELDS, fields)))
+
+  def fitted(self, dtype, L: int) -> "BlockSizes":
+    """These sizes with two pipeline stages wherever three were not shown to fit Hopper's
+    227 KB of shared memory per block (`benchmarks/kernels.py --compile-check`): every kernel
+    with float32 inputs, and the state pass at L ≥ 3 (bf16, K = V = 128: 288 KB at L = 3)."""
+    if self.num_stages <= 2:
+      return self
+    if jnp.dtype(dtype) == jnp.float32:
+      return dataclasses.replace(self, num_stages=2)
+    if L >= 3:
+      return dataclasses.replace(self, kernel_stages=(("prism_state_forward", 2),)
+                                 + self.kernel_stages)
+    return self
 
   def __post_init__(self):
     for name in ("chunk", "block_v", "block_k", "seq_block_v"):
@@ -92,7 +107,8 @@ def warps(bs: BlockSizes, name: str) -> int:
 
 def _launch(name: str, bs: BlockSizes, interpret: bool) -> dict:
   """pallas_call keywords of kernel `name`: its Triton launch parameters and the name."""
-  params = plgpu.CompilerParams(num_warps=warps(bs, name), num_stages=bs.num_stages)
+  params = plgpu.CompilerParams(num_warps=warps(bs, name),
+                                num_stages=dict(bs.kernel_stages).get(name, bs.num_stages))
   return dict(compiler_params=params, interpret=interpret, name=name)
 
 

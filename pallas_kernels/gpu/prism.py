@@ -56,7 +56,8 @@ def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interp
 
 
 def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
-  kw = dict(bs=bs, precision=operand_precision(q.dtype), interpret=interpret)
+  kw = dict(bs=bs.fitted(q.dtype, k.shape[3]), precision=operand_precision(q.dtype),
+            interpret=interpret)
   store = store_dtype(q.dtype)
   u, wk, inv = kernels.prepare(k, v, beta, G, seq, prev, store_dtype=store, **kw)
   h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, store_dtype=store, **kw)
@@ -72,7 +73,8 @@ def _fwd(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
 def _bwd(scale, bs, interpret, res, cotangents):
   q, k, v, beta, G, seq, prev, inv, u, wk, x, h = res
   do, dhT = cotangents
-  kw = dict(scale=scale, bs=bs, precision=operand_precision(q.dtype), interpret=interpret)
+  kw = dict(scale=scale, bs=bs.fitted(q.dtype, k.shape[3]), precision=operand_precision(q.dtype),
+            interpret=interpret)
   local = kernels.local_dy(q, k, G, seq, prev, do, **kw)
   dh, dx, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, local[0],
                                        dhT.astype(jnp.float32), store_dtype=store_dtype(q.dtype),
