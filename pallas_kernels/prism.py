@@ -134,7 +134,8 @@ def gpu_block_sizes(chunk: int, interpret: bool):
   spec = os.environ.get("PRISM_GPU_BLOCKS")
   if spec:
     return BlockSizes.parse(spec, chunk)
-  return (BlockSizes(chunk=chunk, block_v=16, block_k=16, seq_block_v=32) if interpret
+  return (BlockSizes(chunk=chunk, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+          if interpret
           else BlockSizes(chunk=chunk))
 
 

@@ -34,7 +34,7 @@ def test_stage_calls_cover_every_kernel_in_order():
   loss = lambda *a: pallas_prism(*a, chunk_size=CHUNK, interpret=True, backend="gpu")[0].sum()
   launched = _pallas_call_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(
       q, k, v, beta, g).jaxpr)
-  bs = BlockSizes(chunk=CHUNK, block_v=16, block_k=16, seq_block_v=32)
+  bs = BlockSizes(chunk=CHUNK, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
   calls = stage_calls(bs, 1, 2 * CHUNK, 2, 32, 2, interpret=True)
   assert ["prism_" + name for name in calls] == launched
   for name, (fn, args) in calls.items():
