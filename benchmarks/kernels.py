@@ -8,10 +8,10 @@ Times are medians over samples after warm-up; each sample is the mean of enough 
 calls to last ~20 ms, closed by one device synchronisation (`block_until_ready` of the last
 call; for flash-linear-attention the CUDA events of `triton.testing.do_bench`, which include
 the gaps PyTorch leaves between its kernels). `--profile` gives each side's kernel time
-alone. Inputs are bf16 (log-decay float32), keys L2-normalised, fresh random data. The floor is max(FLOPs / 790 TFLOP/s,
-bytes / 4.3 TB/s) — the bf16 matrix rate and copy bandwidth measured on this H200 — with FLOPs
-the matrix products of the chunked form (C = 64) and bytes one read of every input and one
-write of every output.
+alone. Inputs are bf16 (log-decay float32), keys L2-normalised, fresh random data. The floor is
+max(FLOPs / 790 TFLOP/s, bytes / 4.3 TB/s) — the bf16 matrix rate and copy bandwidth measured
+on this H200 — with FLOPs the matrix products of the chunked form (C = 64) and bytes one read
+of every input and one write of every output.
 """
 
 from __future__ import annotations
@@ -261,6 +261,18 @@ def _profile_fla(args, do, label, runs):
           flush=True)
 
 
+def mosaic_calls(B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16):
+  """The Mosaic GPU versions of stages (pallas_kernels/gpu/mosaic.py), keyed "<stage>_mosaic",
+  with the same inputs as their Triton counterparts in `stage_calls`: timed beside them to
+  decide each stage's backend."""
+  from pallas_kernels.gpu import mosaic
+  from pallas_kernels.prism import kernel_inputs
+  (q, k, v, beta, g), do = make_inputs(B, T, H, D, L, seed, dtype)
+  G, seq, prev = kernel_inputs(g, None, B, T, CHUNK)
+  fn = jax.jit(lambda *a: mosaic.local_dy(*a, scale=0.1, chunk=CHUNK, interpret=interpret))
+  return {"local_dy_mosaic": (fn, (q, k, G, seq, prev, do))}
+
+
 def _block_sizes(spec):
   from pallas_kernels.gpu.kernels import BlockSizes
   return BlockSizes.parse(spec, CHUNK)
@@ -298,6 +310,8 @@ def stage_times(bs, shape, writes, solve=None, only=None):
            "tiling": [getattr(bs, f) for f in bs.FIELDS], "warps": bs.kernel_warps,
            "solve": solve or "default"}
     calls = stage_calls(bs, B, T, H, D, L, solve=solve and getattr(cm, solve.upper()))
+    if not only or any(name.endswith("_mosaic") for name in only):
+      calls.update(mosaic_calls(B, T, H, D, L))
     for name, (fn, args) in calls.items():
       if only and name not in only:
         continue
@@ -326,7 +340,8 @@ def main():
   parser.add_argument("--solves", default=None,
                       help=f"with --stages: precisions of the inverse to time, from {SOLVES}")
   parser.add_argument("--only", default=None,
-                      help="with --stages: kernels to time, e.g. inverse,wy_grads")
+                      help="with --stages: kernels to time, e.g. inverse,wy_grads "
+                           "(local_dy_mosaic: the Mosaic GPU version of local_dy)")
   parser.add_argument("--warps", default=None,
                       help='with --stages: per-kernel warps to time, e.g. '
                            '"prism_inverse=2;prism_inverse=8,prism_output=8"')

@@ -1,0 +1,82 @@
+"""Mosaic GPU stages (pallas_kernels/gpu/mosaic.py): Mosaic GPU interpret mode on the CPU against
+the definition, and the lowering for CUDA (Mosaic GPU's layout inference runs there, without a
+GPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from host_random import normal
+from pallas_kernels.gpu import mosaic
+from pallas_kernels.prism import kernel_inputs
+from prism_jax.testing import assert_close
+
+C = 64
+
+
+def _inputs(seed, B=2, T=2 * C, H=2, K=64, V=128, L=2, starts=(0, 45, 100)):
+  rng = np.random.default_rng(seed)
+  q = normal(seed, (B, T, H, K), jnp.bfloat16)
+  k = normal(seed + 1, (B, T, H, L, K), jnp.bfloat16)
+  do = normal(seed + 2, (B, T, H, V), jnp.bfloat16)
+  g = jnp.asarray(np.log(rng.uniform(0.7, 1.0, (B, T, H))), jnp.float32)
+  segment_ids = np.zeros((B, T), np.int32)
+  for s in starts[1:]:
+    segment_ids[:, s:] += 1
+  G, seq, prev = kernel_inputs(g, jnp.asarray(segment_ids), B, T, C)
+  return q, k, G, seq, prev, do
+
+
+def _definition(q, k, G, seq, do, scale):
+  """P^lᵀ dO per chunk from the definition, float32 products of the same bf16 inputs."""
+  B, T, H, L, K = k.shape
+  f = lambda x: np.asarray(x, np.float32)
+  q, k, G, seq, do = f(q), f(k), f(G), f(seq), f(do)
+  out = np.zeros((L, B, T, H, do.shape[-1]), np.float32)
+  i, j = np.meshgrid(np.arange(C), np.arange(C), indexing="ij")
+  for n in range(T // C):
+    r = slice(n * C, (n + 1) * C)
+    same = seq[:, r, None] == seq[:, None, r]  # [B, C, C]
+    keep = (i >= j)[None] & same
+    for h in range(H):
+      expo = G[:, r, h, None] - G[:, None, r, h]
+      decay = np.where(keep, np.exp(np.where(keep, expo, 0.0)), 0.0)
+      for l in range(L):
+        p = np.einsum("bik,bjk->bij", q[:, r, h], k[:, r, h, l]) * decay * scale
+        out[l, :, r, h] = np.einsum("bij,biv->bjv", p, do[:, r, h])
+  return out
+
+
+def test_local_dy_matches_the_definition_in_interpret_mode():
+  q, k, G, seq, prev, do = _inputs(3)
+  out = mosaic.local_dy(q, k, G, seq, prev, do, scale=0.3, interpret=True)
+  ref = _definition(q, k, G, seq, do, 0.3)
+  assert len(out) == k.shape[3]
+  for l, o in enumerate(out):
+    assert o.shape == do.shape and o.dtype == jnp.float32
+    # The masked, decayed scores are rounded to bf16 for the second product (as in the
+    # Triton kernel): the bf16 tolerance.
+    assert_close(f"dY^{l + 1}", ref[l], o, tol=5e-3)
+
+
+def test_local_dy_lowers_for_cuda():
+  # Layout inference and the Mosaic GPU lowering run here; a layout the warpgroup cannot hold
+  # (for instance one shared-memory vector read as rows and as columns) fails at this point.
+  pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
+  q, k, G, seq, prev, do = _inputs(4, B=1, H=2, K=128, V=128, L=3)
+  fn = jax.jit(lambda *a: mosaic.local_dy(*a, scale=0.1))
+  text = fn.trace(q, k, G, seq, prev, do).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(K=48), "K = 48"), (dict(V=96), "V = 96"), (dict(dtype=jnp.float32), "dtypes")])
+def test_local_dy_names_what_it_cannot_take(change, message):
+  K, V, dtype = change.get("K", 64), change.get("V", 64), change.get("dtype", jnp.bfloat16)
+  q = jnp.zeros((1, C, 1, K), dtype)
+  k = jnp.zeros((1, C, 1, 1, K), dtype)
+  do = jnp.zeros((1, C, 1, V), dtype)
+  G, seq, prev = kernel_inputs(jnp.zeros((1, C, 1)), None, 1, C, C)
+  with pytest.raises(ValueError, match=message):
+    mosaic.local_dy(q, k, G, seq, prev, do, scale=1.0, interpret=True)
