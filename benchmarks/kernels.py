@@ -269,8 +269,11 @@ def mosaic_calls(B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16):
   from pallas_kernels.prism import kernel_inputs
   (q, k, v, beta, g), do = make_inputs(B, T, H, D, L, seed, dtype)
   G, seq, prev = kernel_inputs(g, None, B, T, CHUNK)
-  fn = jax.jit(lambda *a: mosaic.local_dy(*a, scale=0.1, chunk=CHUNK, interpret=interpret))
-  return {"local_dy_mosaic": (fn, (q, k, G, seq, prev, do))}
+  x = jnp.zeros((B, T, H, D), dtype)
+  h = jnp.zeros((B, H, T // CHUNK * D, D), dtype)
+  call = lambda fn: jax.jit(lambda *a: fn(*a, scale=0.1, chunk=CHUNK, interpret=interpret))
+  return {"output_mosaic": (call(mosaic.output), (q, k, v, beta, G, seq, prev, x, h)),
+          "local_dy_mosaic": (call(mosaic.local_dy), (q, k, G, seq, prev, do))}
 
 
 def _block_sizes(spec):
@@ -341,7 +344,7 @@ def main():
                       help=f"with --stages: precisions of the inverse to time, from {SOLVES}")
   parser.add_argument("--only", default=None,
                       help="with --stages: kernels to time, e.g. inverse,wy_grads "
-                           "(local_dy_mosaic: the Mosaic GPU version of local_dy)")
+                           "(output_mosaic, local_dy_mosaic: the Mosaic GPU versions)")
   parser.add_argument("--warps", default=None,
                       help='with --stages: per-kernel warps to time, e.g. '
                            '"prism_inverse=2;prism_inverse=8,prism_output=8"')

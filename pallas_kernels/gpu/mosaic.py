@@ -5,17 +5,18 @@ backend each stage uses is decided by timing both on the H200 (`benchmarks/kerne
 lists the Mosaic versions beside the Triton ones); until a Mosaic version is measured faster,
 the custom_vjp keeps the Triton kernels.
 
-`local_dy` is the first stage written this way: P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO of every
-write, one program per (chunk, batch·head), the whole value width at once. Its operands travel
-by TMA into swizzled shared memory and both products run on the warpgroup tensor cores (WGMMA):
-S = K^l Qᵀ [C, C] from shared memory, then the masked, decayed S in bf16 registers times dO.
-The C × C masks come from WGMMA-layout iotas and the log-decay rows and columns from vectors
-loaded in the matching reduced layouts, so nothing is transposed in registers.
+Two stages so far, each one program per (chunk, batch·head) over the whole value width:
+`local_dy` (P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO of every write) and `output` (O = γ ⊙ Q S +
+Σ_l causal((Q K^lᵀ) ⊙ D) Y^l). Operands travel by TMA into swizzled shared memory and every
+product runs on the warpgroup tensor cores (WGMMA); the masked, decayed C × C scores are
+written back to shared memory in the 16-bit input type for the second product (the rounding
+the Triton kernels apply too). The C × C masks come from WGMMA-layout iotas and the gate rows
+and columns from vectors loaded in the matching reduced layouts, so nothing is transposed in
+registers; a vector read both as rows and as columns is copied twice (layout inference gives
+each shared-memory buffer one register layout).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +34,79 @@ def _operand_smem(shape, dtype):
                                               plgpu.SwizzleTransform(SWIZZLE)))
 
 
-def unsupported_reason(q, k, do, chunk) -> str | None:
-  """Why `local_dy` cannot take these arrays (None if it can)."""
-  K, V = q.shape[-1], do.shape[-1]
+def unsupported_reason(q, k, v, chunk) -> str | None:
+  """Why the Mosaic GPU stages cannot take these arrays (None if they can); v: the values or
+  dO, whatever gives the value width."""
+  K, V = q.shape[-1], v.shape[-1]
   if chunk != 64:
     return f"chunk {chunk} (the WGMMA tile is 64 rows)"
-  if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or do.dtype != q.dtype:
-    return f"dtypes {q.dtype}, {k.dtype}, {do.dtype} (bf16 or float16, all alike)"
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    return f"dtypes {q.dtype}, {k.dtype}, {v.dtype} (bf16 or float16, all alike)"
   if K % 64 or V % 64 or K > 256 or V > 256:
     return f"K = {K}, V = {V} (multiples of 64 up to 256)"
   return None
+
+
+def _check(name, q, k, v, chunk):
+  reason = unsupported_reason(q, k, v, chunk)
+  if reason:
+    raise ValueError(f"mosaic.{name}: unsupported {reason}")
+  if q.shape[1] % chunk:
+    raise ValueError(f"mosaic.{name}: T = {q.shape[1]} is not a multiple of the chunk {chunk}")
+
+
+def _copy_in(copies, bar):
+  """Start every (gmem, smem) copy on its own barrier, then wait for all of them."""
+  for i, (src, dst) in enumerate(copies):
+    plgpu.copy_gmem_to_smem(src, dst, bar.at[i])
+  for i in range(len(copies)):
+    plgpu.barrier_wait(bar.at[i])
+
+
+_LAYOUT = plgpu.Layout.WGMMA
+
+
+def _rows(ref):
+  """A [C] shared-memory vector in the layout of one value per row of a WGMMA tile."""
+  return plgpu.load(ref, layout=_LAYOUT.reduce(1))
+
+
+def _cols(ref):
+  """A [C] shared-memory vector in the layout of one value per column of a WGMMA tile."""
+  return plgpu.load(ref, layout=_LAYOUT.reduce(0))
+
+
+def _causal_decay(G_row, G_col, seq_row, seq_col, C, query_rows):
+  """D on the causal same-sequence mask, 0 elsewhere, for a C × C tile whose rows are queries
+  (query_rows) or keys (the transposed tile)."""
+  r = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=_LAYOUT)
+  c = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_LAYOUT)
+  on_rows = lambda x: lax.broadcast_in_dim(x, (C, C), [0])
+  on_cols = lambda x: lax.broadcast_in_dim(x, (C, C), [1])
+  keep = ((r >= c) if query_rows else (c >= r)) & (on_rows(seq_row) == on_cols(seq_col))
+  expo = on_rows(G_row) - on_cols(G_col) if query_rows else on_cols(G_col) - on_rows(G_row)
+  # The exponent is masked before exp: exp(−inf) = 0, never exp(+large) · 0.
+  return jnp.exp(jnp.where(keep, expo, -jnp.inf))
+
+
+def _product(a, b, shape):
+  """a @ b on WGMMA (shared-memory operands), float32 result in registers."""
+  def run(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+  return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
+def _store(x, smem, gmem):
+  """Registers → shared memory → global memory (TMA), once the last store has read smem."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  smem[...] = x.astype(smem.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(smem, gmem)
+
+
+def _interpret(interpret):
+  return plgpu.InterpretGPUParams() if interpret else None
 
 
 def local_dy(q, k, G, seq, prev, do, *, scale, chunk=64, interpret=False):
@@ -53,16 +117,11 @@ def local_dy(q, k, G, seq, prev, do, *, scale, chunk=64, interpret=False):
   state-independent part needs no incoming-state gate). T a multiple of the chunk.
   """
   del prev
+  _check("local_dy", q, k, do, chunk)
   B, T, H, L, K = k.shape
-  V, C = do.shape[-1], chunk
-  reason = unsupported_reason(q, k, do, chunk)
-  if reason:
-    raise ValueError(f"mosaic.local_dy: unsupported {reason}")
-  if T % C:
-    raise ValueError(f"mosaic.local_dy: T = {T} is not a multiple of the chunk {C}")
+  V, C, dtype = do.shape[-1], chunk, q.dtype
   # TMA copies need a contiguous minor axis: the log-decay goes head-major once, in XLA.
   G_hm = jnp.transpose(G.astype(jnp.float32), (0, 2, 1))  # [B, H, T]
-  dtype = q.dtype
 
   def body(q_gmem, k_gmem, G_gmem, seq_gmem, do_gmem, *rest):
     out_gmem = rest[:L]
@@ -70,44 +129,18 @@ def local_dy(q, k, G, seq, prev, do, *, scale, chunk=64, interpret=False):
     n, bh = lax.axis_index("n"), lax.axis_index("bh")
     b, h = bh // H, bh % H
     rows = pl.ds(n * C, C)
-    # G and seq twice each: one copy is read as rows, the other as columns (layout inference
-    # gives each shared-memory buffer one register layout).
-    copies = [(q_gmem.at[b, rows, h], q_smem), (do_gmem.at[b, rows, h], do_smem)]
-    copies += [(G_gmem.at[b, h, rows], vec_smem.at[i]) for i in (0, 1)]
-    copies += [(seq_gmem.at[b, rows], vec_smem.at[i]) for i in (2, 3)]
-    copies += [(k_gmem.at[b, rows, h, l], k_smem.at[l]) for l in range(L)]
-    for i, (src, dst) in enumerate(copies):  # one barrier per copy, all in flight at once
-      plgpu.copy_gmem_to_smem(src, dst, bar.at[i])
-    for i in range(len(copies)):
-      plgpu.barrier_wait(bar.at[i])
-
-    # Row j of S = K^l Qᵀ is key j, column i is query i: P^lᵀ[j, i] keeps i ≥ j in j's sequence.
-    layout = plgpu.Layout.WGMMA
-    j_idx = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=layout)
-    i_idx = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=layout)
-    row = lambda ref: lax.broadcast_in_dim(
-        plgpu.load(ref, layout=layout.reduce(1)), (C, C), [0])
-    col = lambda ref: lax.broadcast_in_dim(
-        plgpu.load(ref, layout=layout.reduce(0)), (C, C), [1])
-    keep = (i_idx >= j_idx) & (col(vec_smem.at[2]) == row(vec_smem.at[3]))
-    # The exponent is masked before exp: exp(−inf) = 0, never exp(+large) · 0.
-    decay = jnp.exp(jnp.where(keep, col(vec_smem.at[0]) - row(vec_smem.at[1]), -jnp.inf))
-
+    _copy_in([(q_gmem.at[b, rows, h], q_smem), (do_gmem.at[b, rows, h], do_smem),
+              (G_gmem.at[b, h, rows], vec_smem.at[0]), (G_gmem.at[b, h, rows], vec_smem.at[1]),
+              (seq_gmem.at[b, rows], vec_smem.at[2]), (seq_gmem.at[b, rows], vec_smem.at[3])]
+             + [(k_gmem.at[b, rows, h, l], k_smem.at[l]) for l in range(L)], bar)
+    # Rows of S = K^l Qᵀ are keys, columns queries.
+    decay = _causal_decay(_rows(vec_smem.at[0]), _cols(vec_smem.at[1]), _rows(vec_smem.at[2]),
+                          _cols(vec_smem.at[3]), C, query_rows=False)
     for l in range(L):
-      def scores(acc_ref, l=l):
-        plgpu.wgmma(acc_ref, k_smem.at[l], q_smem.transpose((1, 0)))
-        return acc_ref[...]
-      p_smem[...] = (pl.run_scoped(scores, plgpu.ACC((C, C), jnp.float32)) * decay).astype(dtype)
+      p = _product(k_smem.at[l], q_smem.transpose((1, 0)), (C, C)) * decay
+      p_smem[...] = p.astype(dtype)
       plgpu.commit_smem()  # the tensor cores read p through the async proxy
-
-      def times_do(acc_ref):
-        plgpu.wgmma(acc_ref, p_smem, do_smem)
-        return acc_ref[...]
-      dy = pl.run_scoped(times_do, plgpu.ACC((C, V), jnp.float32)) * scale
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last write's store has read it
-      out_smem[...] = dy
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, out_gmem[l].at[b, rows, h])
+      _store(_product(p_smem, do_smem, (C, V)) * scale, out_smem, out_gmem[l].at[b, rows, h])
     plgpu.wait_smem_to_gmem(0)
 
   out = plgpu.kernel(
@@ -117,7 +150,61 @@ def local_dy(q, k, G, seq, prev, do, *, scale, chunk=64, interpret=False):
                      _operand_smem((C, V), dtype), _operand_smem((C, C), dtype),
                      plgpu.SMEM((4, C), jnp.float32), plgpu.SMEM((C, V), jnp.float32),
                      plgpu.Barrier(num_barriers=6 + L)],
-      grid=(T // C, B * H), grid_names=("n", "bh"),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      grid=(T // C, B * H), grid_names=("n", "bh"), interpret=_interpret(interpret),
   )(q, k, G_hm, seq, do)
   return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def output(q, k, v, beta, G, seq, prev, x, h, *, scale, chunk=64, interpret=False):
+  """O [B,T,H,V] in q's dtype, as `kernels.output`: q [B,T,H,K], k [B,T,H,L,K], v
+  [B,T,H,L,V], beta [B,T,H,L] (one 16-bit dtype), G [B,T,H] float32, seq / prev [B,T]
+  float32, x [B,T,H,V] and h [B,H,N·K,V] in that dtype (what the state pass saved)."""
+  _check("output", q, k, x, chunk)
+  B, T, H, L, K = k.shape
+  V, C, dtype = v.shape[-1], chunk, q.dtype
+  if x.dtype != dtype or h.dtype != dtype:
+    raise ValueError(f"mosaic.output: x {x.dtype} and h {h.dtype} must be {dtype}")
+  G_hm = jnp.transpose(G.astype(jnp.float32), (0, 2, 1))  # [B, H, T]
+  beta_hm = jnp.transpose(beta.astype(jnp.float32), (0, 2, 3, 1))  # [B, H, L, T]
+
+  def body(q_gmem, k_gmem, v_gmem, beta_gmem, G_gmem, seq_gmem, prev_gmem, x_gmem, h_gmem,
+           o_gmem, q_smem, k_smem, y_smem, h_smem, p_smem, vec_smem, beta_smem, o_smem, bar):
+    n, bh = lax.axis_index("n"), lax.axis_index("bh")
+    b, hd = bh // H, bh % H
+    rows = pl.ds(n * C, C)
+    _copy_in([(q_gmem.at[b, rows, hd], q_smem), (x_gmem.at[b, rows, hd], y_smem.at[0]),
+              (h_gmem.at[b, hd, pl.ds(n * K, K)], h_smem),
+              (G_gmem.at[b, hd, rows], vec_smem.at[0]), (G_gmem.at[b, hd, rows], vec_smem.at[1]),
+              (seq_gmem.at[b, rows], vec_smem.at[2]), (seq_gmem.at[b, rows], vec_smem.at[3]),
+              (prev_gmem.at[b, rows], vec_smem.at[4])]
+             + [(k_gmem.at[b, rows, hd, l], k_smem.at[l]) for l in range(L)]
+             + [(v_gmem.at[b, rows, hd, l], y_smem.at[l]) for l in range(1, L)]
+             + [(beta_gmem.at[b, hd, l, rows], beta_smem.at[l]) for l in range(1, L)], bar)
+    G_row, seq_row = _rows(vec_smem.at[0]), _rows(vec_smem.at[2])
+    decay = _causal_decay(G_row, _cols(vec_smem.at[1]), seq_row, _cols(vec_smem.at[3]), C,
+                          query_rows=True)
+    # γ_i: the incoming state's decay at i, 0 after a sequence start inside the chunk.
+    gamma = jnp.exp(jnp.where(seq_row == _rows(vec_smem.at[4]), G_row, -jnp.inf))
+    for l in range(1, L):  # Y^l = β^l ⊙ V^l, rounded to the operand type in place
+      y = y_smem[l].astype(jnp.float32) * lax.broadcast_in_dim(
+          _rows(beta_smem.at[l]), (C, V), [0])
+      y_smem[l] = y.astype(dtype)
+    o = _product(q_smem, h_smem, (C, V)) * lax.broadcast_in_dim(gamma, (C, V), [0])
+    for l in range(L):
+      p = _product(q_smem, k_smem.at[l].transpose((1, 0)), (C, C)) * decay
+      p_smem[...] = p.astype(dtype)
+      plgpu.commit_smem()  # the tensor cores read p and Y^l through the async proxy
+      o = o + _product(p_smem, y_smem.at[l], (C, V))
+    _store(o * scale, o_smem, o_gmem.at[b, rows, hd])
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((B, T, H, V), dtype),
+      scratch_types=[_operand_smem((C, K), dtype), _operand_smem((L, C, K), dtype),
+                     _operand_smem((L, C, V), dtype), _operand_smem((K, V), dtype),
+                     _operand_smem((C, C), dtype), plgpu.SMEM((5, C), jnp.float32),
+                     plgpu.SMEM((L, C), jnp.float32), _operand_smem((C, V), dtype),
+                     plgpu.Barrier(num_barriers=6 + 3 * L)],
+      grid=(T // C, B * H), grid_names=("n", "bh"), interpret=_interpret(interpret),
+  )(q, k, v, beta_hm, G_hm, seq, prev, x, h)

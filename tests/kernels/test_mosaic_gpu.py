@@ -2,15 +2,21 @@
 the definition, and the lowering for CUDA (Mosaic GPU's layout inference runs there, without a
 GPU)."""
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from host_random import normal
-from pallas_kernels.gpu import mosaic
-from pallas_kernels.prism import kernel_inputs
-from prism_jax.testing import assert_close
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks.kernels import mosaic_calls  # noqa: E402
+from host_random import normal  # noqa: E402
+from pallas_kernels.gpu import mosaic  # noqa: E402
+from pallas_kernels.prism import kernel_inputs  # noqa: E402
+from prism_jax.testing import assert_close  # noqa: E402
 
 C = 64
 
@@ -80,3 +86,44 @@ def test_local_dy_names_what_it_cannot_take(change, message):
   G, seq, prev = kernel_inputs(jnp.zeros((1, C, 1)), None, 1, C, C)
   with pytest.raises(ValueError, match=message):
     mosaic.local_dy(q, k, G, seq, prev, do, scale=1.0, interpret=True)
+
+
+def _output_inputs(seed, B=2, H=2, K=64, V=128, L=2):
+  """Inputs of the output stage: the chunk gates as above, X and the saved states random
+  (the stage is linear in them)."""
+  q, k, G, seq, prev, _ = _inputs(seed, B=B, H=H, K=K, V=V, L=L)
+  T = q.shape[1]
+  v = normal(seed + 5, (B, T, H, L, V), jnp.bfloat16)
+  beta = jnp.asarray(np.random.default_rng(seed).uniform(0.1, 1.0, (B, T, H, L)), jnp.bfloat16)
+  x = normal(seed + 6, (B, T, H, V), jnp.bfloat16)
+  h = (0.3 * normal(seed + 7, (B, H, T // C * K, V))).astype(jnp.bfloat16)
+  return q, k, v, beta, G, seq, prev, x, h
+
+
+@pytest.mark.parametrize("L", [1, 2])
+def test_output_matches_the_triton_kernel_in_interpret_mode(L):
+  from pallas_kernels.gpu import kernels as gk
+  from prism_jax.ops import chunk_math as cm
+  args = _output_inputs(5 + L, L=L)
+  out = mosaic.output(*args, scale=0.2, interpret=True)
+  bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  ref = gk.output(*args, scale=0.2, bs=bs, precision=cm.BF16, interpret=True)
+  assert out.shape == ref.shape and out.dtype == ref.dtype == jnp.bfloat16
+  # Both round the same float32 products to bf16 at the end: the bf16 tolerance.
+  assert_close("o", np.asarray(ref, np.float32), out, tol=5e-3)
+
+
+def test_output_lowers_for_cuda():
+  pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
+  args = _output_inputs(9, B=1, K=128, V=128, L=3)
+  fn = jax.jit(lambda *a: mosaic.output(*a, scale=0.1))
+  assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_benchmark_entry_points_run():
+  # `kernels.py --stages` times these beside the Triton kernels on the GPU.
+  calls = mosaic_calls(1, 2 * C, 1, 64, 2, interpret=True)
+  assert set(calls) == {"output_mosaic", "local_dy_mosaic"}
+  for name, (fn, args) in calls.items():
+    for out in jax.tree.leaves(fn(*args)):
+      assert np.all(np.isfinite(np.asarray(out, np.float32))), name
