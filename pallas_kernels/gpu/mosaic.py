@@ -5,10 +5,12 @@ backend each stage uses is decided by timing both on the H200 (`benchmarks/kerne
 lists the Mosaic versions beside the Triton ones); until a Mosaic version is measured faster,
 the custom_vjp keeps the Triton kernels.
 
-Two stages so far, each one program per (chunk, batch·head) over the whole value width:
-`local_dy` (P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO of every write) and `output` (O = γ ⊙ Q S +
-Σ_l causal((Q K^lᵀ) ⊙ D) Y^l). Operands travel by TMA into swizzled shared memory and every
-product runs on the warpgroup tensor cores (WGMMA); the masked, decayed C × C scores are
+Three stages so far: `state_forward` (the pass over chunks, one program per value block and
+batch·head, the next chunk's operands loading while the current one computes), and, one program
+per (chunk, batch·head) over the whole value width, `output` (O = γ ⊙ Q S + Σ_l causal((Q K^lᵀ)
+⊙ D) Y^l) and `local_dy` (P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO of every write). Operands travel
+by TMA into swizzled shared memory and every product runs on the warpgroup tensor cores
+(WGMMA); the masked, decayed C × C scores are
 written back to shared memory in the 16-bit input type for the second product (the rounding
 the Triton kernels apply too). The C × C masks come from WGMMA-layout iotas and the gate rows
 and columns from vectors loaded in the matching reduced layouts, so nothing is transposed in
@@ -91,8 +93,14 @@ def _causal_decay(G_row, G_col, seq_row, seq_col, C, query_rows):
 
 def _product(a, b, shape):
   """a @ b on WGMMA (shared-memory operands), float32 result in registers."""
+  return _products([(a, b)], shape)
+
+
+def _products(pairs, shape):
+  """Σ a @ b over (a, b) pairs, accumulated on WGMMA, float32 result in registers."""
   def run(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
+    for a, b in pairs:
+      plgpu.wgmma(acc_ref, a, b)
     return acc_ref[...]
   return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
@@ -208,3 +216,108 @@ def output(q, k, v, beta, G, seq, prev, x, h, *, scale, chunk=64, interpret=Fals
                      plgpu.Barrier(num_barriers=6 + 3 * L)],
       grid=(T // C, B * H), grid_names=("n", "bh"), interpret=_interpret(interpret),
   )(q, k, v, beta_hm, G_hm, seq, prev, x, h)
+
+
+def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
+                  interpret=False):
+  """The pass over chunks, as `kernels.state_forward`: states entering each chunk h
+  [B,H,N·K,V] and X [B,T,H,V] in the input dtype, final state [B,H,K,V] float32. k
+  [B,T,H,L,K], v [B,T,H,L,V], beta [B,T,H,L], wk [B,T,H,K] (one 16-bit dtype), u [B,T,H,V]
+  float32, h0 [B,H,K,V] float32.
+
+  One program per (value block, batch·head) walks the chunks with the state [K, BV] float32 in
+  registers (the WGMMA accumulator layout). Each chunk's operands arrive by TMA one chunk ahead,
+  into the other of two shared-memory slots. Per chunk: the state goes to shared memory in bf16
+  (the operand of Wk S, and by TMA the saved h); X = U − Wk S; then
+  S ← γ_C S + Σ_l K^lᵀ (e ⊙ Y^l), the sum over writes accumulated on WGMMA. Shared memory at
+  bf16 K = 128, BV = 64: about 160 KB at L = 1 and 210 KB at L = 2 (the two slots hold the
+  keys, U and Wk of two chunks); L = 3 does not fit the 227 KB of a block.
+  """
+  from pallas_kernels.gpu.kernels import pass_gates  # γ and e as in the Triton passes
+  _check("state_forward", wk, k, v, chunk)
+  B, T, H, L, K = k.shape
+  V, C, dtype = v.shape[-1], chunk, k.dtype
+  BV, N = min(block_v, V), T // chunk
+  if BV % 64 or V % BV:
+    raise ValueError(f"mosaic.state_forward: block_v {BV} must be a multiple of 64 dividing V")
+  gamma, to_end = pass_gates(G, seq, prev, C)  # [B, T, H] float32
+  to_end = jnp.transpose(to_end, (0, 2, 1))  # [B, H, T]: TMA needs a contiguous minor axis
+  # γ_C of every chunk, repeated along the K rows of the state it scales.
+  gamma_last = jnp.transpose(gamma.reshape(B, N, C, H)[:, :, -1], (0, 2, 1))  # [B, H, N]
+  gamma_rows = jnp.broadcast_to(gamma_last[..., None], (B, H, N, K))
+  beta_hm = jnp.transpose(beta.astype(jnp.float32), (0, 2, 3, 1))  # [B, H, L, T]
+  per_chunk = 4 + 2 * L  # TMA copies per chunk: k^l, v^l, β^l (l ≥ 2), U, Wk, e, γ_C
+
+  def body(k_gmem, v_gmem, beta_gmem, e_gmem, gl_gmem, u_gmem, wk_gmem, h0_gmem,
+           h_gmem, x_gmem, hT_gmem,
+           k_smem, y_smem, beta_smem, u_smem, wk_smem, e_smem, gl_smem, s_smem, ey_smem,
+           x_smem, f32_smem, bar, bar0):
+    j, bh = lax.axis_index("j"), lax.axis_index("bh")
+    b, hd = bh // H, bh % H
+    cols = pl.ds(j * BV, BV)
+
+    def fetch(n, slot):
+      rows = pl.ds(n * C, C)
+      copies = [(u_gmem.at[b, rows, hd, cols], u_smem.at[slot]),
+                (wk_gmem.at[b, rows, hd], wk_smem.at[slot]),
+                (e_gmem.at[b, hd, rows], e_smem.at[slot]),
+                (gl_gmem.at[b, hd, n], gl_smem.at[slot])]
+      copies += [(k_gmem.at[b, rows, hd, l], k_smem.at[slot, l]) for l in range(L)]
+      copies += [(v_gmem.at[b, rows, hd, l, cols], y_smem.at[slot, l - 1]) for l in range(1, L)]
+      copies += [(beta_gmem.at[b, hd, l, rows], beta_smem.at[slot, l - 1]) for l in range(1, L)]
+      for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, bar.at[slot * per_chunk + i])
+      return len(copies)
+
+    n_copies = fetch(0, 0)
+    _copy_in([(h0_gmem.at[b, hd, :, cols], f32_smem)], bar0)
+    state = f32_smem[...]
+
+    def step(n, state):
+      slot = lax.rem(n, 2)
+
+      @pl.when(n + 1 < N)
+      def _():
+        fetch(n + 1, 1 - slot)
+
+      for i in range(n_copies):
+        plgpu.barrier_wait(bar.at[slot * per_chunk + i])
+      rows = pl.ds(n * C, C)
+      # The state entering the chunk, as the operand of Wk S and the saved h.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last chunk's stores have read them
+      s_smem[...] = state.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(s_smem, h_gmem.at[b, hd, pl.ds(n * K, K), cols])
+      x = u_smem[slot] - _product(wk_smem.at[slot], s_smem, (C, BV))
+      x_smem[...] = x.astype(dtype)
+      e = lax.broadcast_in_dim(_rows(e_smem.at[slot]), (C, BV), [0])
+      ey_smem[0] = (e * x).astype(dtype)
+      for l in range(1, L):  # Y^l = β^l ⊙ V^l
+        beta_l = lax.broadcast_in_dim(_rows(beta_smem.at[slot, l - 1]), (C, BV), [0])
+        ey_smem[l] = (e * beta_l * y_smem[slot, l - 1].astype(jnp.float32)).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(x_smem, x_gmem.at[b, rows, hd, cols])
+      decayed = state * lax.broadcast_in_dim(_rows(gl_smem.at[slot]), (K, BV), [0])
+      return decayed + _products(
+          [(k_smem.at[slot, l].transpose((1, 0)), ey_smem.at[l]) for l in range(L)], (K, BV))
+
+    state = lax.fori_loop(0, N, step, state)
+    _store(state, f32_smem, hT_gmem.at[b, hd, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      body,
+      out_type=[jax.ShapeDtypeStruct((B, H, N * K, V), dtype),
+                jax.ShapeDtypeStruct((B, T, H, V), dtype),
+                jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
+      scratch_types=[_operand_smem((2, L, C, K), dtype),
+                     _operand_smem((2, max(L - 1, 1), C, BV), dtype),
+                     plgpu.SMEM((2, max(L - 1, 1), C), jnp.float32),
+                     plgpu.SMEM((2, C, BV), jnp.float32),
+                     _operand_smem((2, C, K), dtype), plgpu.SMEM((2, C), jnp.float32),
+                     plgpu.SMEM((2, K), jnp.float32), _operand_smem((K, BV), dtype),
+                     _operand_smem((L, C, BV), dtype), _operand_smem((C, BV), dtype),
+                     plgpu.SMEM((K, BV), jnp.float32),
+                     plgpu.Barrier(num_barriers=2 * per_chunk), plgpu.Barrier(num_barriers=1)],
+      grid=(V // BV, B * H), grid_names=("j", "bh"), interpret=_interpret(interpret),
+  )(k, v, beta_hm, to_end, gamma_rows, u, wk, h0)

@@ -123,7 +123,44 @@ def test_output_lowers_for_cuda():
 def test_benchmark_entry_points_run():
   # `kernels.py --stages` times these beside the Triton kernels on the GPU.
   calls = mosaic_calls(1, 2 * C, 1, 64, 2, interpret=True)
-  assert set(calls) == {"output_mosaic", "local_dy_mosaic"}
+  assert set(calls) == {"state_forward_mosaic", "output_mosaic", "local_dy_mosaic"}
   for name, (fn, args) in calls.items():
     for out in jax.tree.leaves(fn(*args)):
       assert np.all(np.isfinite(np.asarray(out, np.float32))), name
+
+
+def _state_inputs(seed, B=1, H=2, K=64, V=128, L=2):
+  """Inputs of the pass over chunks: three chunks, packed segments, an initial state; U, Wk and
+  the keys small enough that the state stays O(1) over the chunks."""
+  _, k, G, seq, prev, _ = _inputs(seed, B=B, T=3 * C, H=H, K=K, V=V, L=L, starts=(0, 70, 150))
+  T = k.shape[1]
+  rng = np.random.default_rng(seed)
+  k = (0.15 * k.astype(jnp.float32)).astype(jnp.bfloat16)
+  v = normal(seed + 5, (B, T, H, L, V), jnp.bfloat16)
+  beta = jnp.asarray(rng.uniform(0.1, 1.0, (B, T, H, L)), jnp.bfloat16)
+  u = normal(seed + 6, (B, T, H, V))
+  wk = (0.15 * normal(seed + 7, (B, T, H, K))).astype(jnp.bfloat16)
+  h0 = 0.3 * normal(seed + 8, (B, H, K, V))
+  return k, v, beta, G, seq, prev, u, wk, h0
+
+
+@pytest.mark.parametrize("L", [1, 2])
+def test_state_forward_matches_the_triton_kernel_in_interpret_mode(L):
+  from pallas_kernels.gpu import kernels as gk
+  from prism_jax.ops import chunk_math as cm
+  args = _state_inputs(11 + L, L=L)
+  out = mosaic.state_forward(*args, interpret=True)
+  bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  ref = gk.state_forward(*args, bs=bs, precision=cm.BF16, interpret=True,
+                         store_dtype=jnp.bfloat16)
+  for name, o, r in zip(("h", "x", "final state"), out, ref):
+    assert o.shape == r.shape and o.dtype == r.dtype, name
+    # The same products in the same order: agreement far inside the bf16 tolerance.
+    assert_close(name, np.asarray(r, np.float32), np.asarray(o, np.float32), tol=1e-4)
+
+
+def test_state_forward_lowers_for_cuda():
+  pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
+  args = _state_inputs(15, K=128, V=128, L=2)
+  fn = jax.jit(lambda *a: mosaic.state_forward(*a))
+  assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
