@@ -25,10 +25,12 @@ export PYTHONPATH=$PWD:$PWD/tests/kernels:${PYTHONPATH:-}
   --format=csv; python3 -c "import jax, triton; print(jax.__version__, triton.__version__, jax.devices())"; } \
   >> "$LOG/env.txt" 2>&1
 
-# A job's extra arguments come from ARGS_<job>; a digit suffix runs a job again under another
-# name (throughput2 with ARGS_throughput2), its logs apart.
+# A job's extra arguments come from ARGS_<job> and extra environment from ENV_<job>
+# ("NAME=value ..."); a digit suffix runs a job again under another name (throughput2 with
+# ARGS_throughput2), its logs apart, e.g. ENV_kernel_bench2="PRISM_MOSAIC_STAGES=output".
 job() {
-  local name=$1 extra=ARGS_$1; extra=${!extra:-}
+  local name=$1 extra=ARGS_$1 env=ENV_$1; extra=${!extra:-}
+  if [[ -n ${!env:-} ]]; then export ${!env}; fi
   local recsys="--data data_cache/ml-100k/u.data --steps 1000 --d-model 64 --seq-len 50"
   case ${name%%[0-9]*} in
     throughput) python3 benchmarks/throughput.py --time-budget 280 $extra \

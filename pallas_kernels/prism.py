@@ -11,6 +11,7 @@ carries the cotangents through the padding and the cumulative sum.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -128,15 +129,26 @@ def _run_kernels(q, k, v, beta, g, h0, segment_ids, *, scale, chunk, backend, in
 
 def gpu_block_sizes(chunk: int, interpret: bool):
   """GPU tiling: PRISM_GPU_BLOCKS (the format of `BlockSizes.parse`) overrides the default, for
-  tuning runs. Interpret mode splits V and K into blocks of 16 (32 in the passes over chunks)
-  so CPU tests cover the loops over column blocks and the key-block partial sums."""
+  tuning runs; PRISM_MOSAIC_STAGES ("state_forward,output,local_dy" or a part) runs those stages
+  on their Mosaic GPU versions where they take the shapes. Interpret mode splits V and K into
+  blocks of 16 (32 in the passes over chunks) so CPU tests cover the loops over column blocks
+  and the key-block partial sums."""
   from pallas_kernels.gpu.kernels import BlockSizes
   spec = os.environ.get("PRISM_GPU_BLOCKS")
   if spec:
-    return BlockSizes.parse(spec, chunk)
-  return (BlockSizes(chunk=chunk, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
-          if interpret
-          else BlockSizes(chunk=chunk))
+    bs = BlockSizes.parse(spec, chunk)
+  else:
+    bs = (BlockSizes(chunk=chunk, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+          if interpret else BlockSizes(chunk=chunk))
+  stages = os.environ.get("PRISM_MOSAIC_STAGES")
+  if stages:
+    from pallas_kernels.gpu.mosaic import STAGES
+    names = tuple(x.strip() for x in stages.split(",") if x.strip())
+    if not set(names) <= set(STAGES):
+      raise ValueError(f"PRISM_MOSAIC_STAGES={stages!r}: unknown stage "
+                       f"{sorted(set(names) - set(STAGES))}; Mosaic GPU stages are {STAGES}")
+    bs = dataclasses.replace(bs, mosaic=names)
+  return bs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))

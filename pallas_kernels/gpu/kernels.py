@@ -38,15 +38,18 @@ class BlockSizes:
   """Tiling of the GPU kernels. chunk: positions per chunk (C); block_v: value columns per
   step of the gradient kernels' loops over value blocks; chunk_block_v: value columns per
   program of the chunk-parallel kernels (apply_inverse, output, local_dy; on the H200, B4 T4096
-  H16 K=V=128: 128 columns 0.11 / 0.14 / 0.10 ms against 0.13 / 0.16 / 0.15 with 64); block_k: key columns per program of the
-  state-side gradient kernel; num_warps / num_stages: Triton launch parameters (num_stages
-  pipelines the loads of the loops over chunks and over column blocks); seq_num_warps: warps of
-  the two sequential passes over chunks; grads_num_warps: warps of the two gradient kernels;
+  H16 K=V=128: 128 columns 0.11 / 0.14 / 0.10 ms against 0.13 / 0.16 / 0.15 with 64);
+  block_k: key columns per program of the state-side gradient kernel; num_warps /
+  num_stages: Triton launch parameters (num_stages pipelines the loads of the loops over chunks
+  and over column blocks); seq_num_warps: warps of the two sequential passes over chunks;
+  grads_num_warps: warps of the two gradient kernels;
   inverse_num_warps: warps of the (I + A)⁻¹ kernel; seq_block_v: value columns per program of
   the two passes over chunks, halved (and run with seq_narrow_warps) when fewer than
   seq_min_programs programs would share the GPU (`seq_tiling`); kernel_warps: ((kernel name,
   warps), ...) overriding the above (tuning runs); kernel_stages: the same for num_stages
-  (`fitted` sets it). The defaults are the fastest measured on the H200 (RESULTS.md)."""
+  (`fitted` sets it); mosaic: stages to run on the Mosaic GPU versions of gpu/mosaic.py where
+  those take the shapes (none by default: not yet timed against these). The defaults are the
+  fastest measured on the H200 (RESULTS.md)."""
   chunk: int = 64
   block_v: int = 64
   num_warps: int = 4
@@ -61,9 +64,11 @@ class BlockSizes:
   chunk_block_v: int = 128
   kernel_warps: tuple = ()
   kernel_stages: tuple = ()
+  mosaic: tuple = ()
 
   FIELDS = ("block_v", "num_warps", "num_stages", "block_k", "grads_num_warps", "seq_block_v",
-            "seq_num_warps", "inverse_num_warps", "seq_min_programs", "seq_narrow_warps", "chunk_block_v")
+            "seq_num_warps", "inverse_num_warps", "seq_min_programs", "seq_narrow_warps",
+            "chunk_block_v")
 
   @classmethod
   def parse(cls, spec: str, chunk: int = 64) -> "BlockSizes":

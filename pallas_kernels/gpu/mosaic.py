@@ -49,6 +49,20 @@ def unsupported_reason(q, k, v, chunk) -> str | None:
   return None
 
 
+STAGES = ("state_forward", "output", "local_dy")
+
+
+def stage_reason(stage, q, k, v, chunk) -> str | None:
+  """Why `stage` cannot run on Mosaic GPU for these kernel-ready arrays (q [B,T,H,K], k
+  [B,T,H,L,K], v [B,T,H,L,V] or dO [B,T,H,V]), None if it can."""
+  if stage not in STAGES:
+    raise ValueError(f"no Mosaic GPU stage {stage!r}; there are {STAGES}")
+  reason = unsupported_reason(q, k, v, chunk)
+  if reason is None and stage == "state_forward" and k.shape[3] > 2:
+    return f"L = {k.shape[3]} (two chunks of keys in shared memory fit up to L = 2)"
+  return reason
+
+
 def _check(name, q, k, v, chunk):
   reason = unsupported_reason(q, k, v, chunk)
   if reason:
@@ -159,6 +173,7 @@ def local_dy(q, k, G, seq, prev, do, *, scale, chunk=64, interpret=False):
                      plgpu.SMEM((4, C), jnp.float32), plgpu.SMEM((C, V), jnp.float32),
                      plgpu.Barrier(num_barriers=6 + L)],
       grid=(T // C, B * H), grid_names=("n", "bh"), interpret=_interpret(interpret),
+      kernel_name="prism_local_dy_mosaic",
   )(q, k, G_hm, seq, do)
   return list(out) if isinstance(out, (list, tuple)) else [out]
 
@@ -215,6 +230,7 @@ def output(q, k, v, beta, G, seq, prev, x, h, *, scale, chunk=64, interpret=Fals
                      plgpu.SMEM((L, C), jnp.float32), _operand_smem((C, V), dtype),
                      plgpu.Barrier(num_barriers=6 + 3 * L)],
       grid=(T // C, B * H), grid_names=("n", "bh"), interpret=_interpret(interpret),
+      kernel_name="prism_output_mosaic",
   )(q, k, v, beta_hm, G_hm, seq, prev, x, h)
 
 
@@ -320,4 +336,5 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
                      plgpu.SMEM((K, BV), jnp.float32),
                      plgpu.Barrier(num_barriers=2 * per_chunk), plgpu.Barrier(num_barriers=1)],
       grid=(V // BV, B * H), grid_names=("j", "bh"), interpret=_interpret(interpret),
+      kernel_name="prism_state_forward_mosaic",
   )(k, v, beta_hm, to_end, gamma_rows, u, wk, h0)

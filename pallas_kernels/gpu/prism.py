@@ -55,13 +55,33 @@ def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interp
   return o, hT
 
 
+def _on_mosaic(bs, stage, q, k, v, do=None):
+  """Whether `stage` runs on its Mosaic GPU version (named in bs.mosaic, and it takes these
+  arrays; otherwise the Triton kernel runs)."""
+  if stage not in bs.mosaic:
+    return False
+  from pallas_kernels.gpu import mosaic
+  return mosaic.stage_reason(stage, q, k, v if do is None else do, bs.chunk) is None
+
+
 def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
   kw = dict(bs=bs.fitted(q.dtype, k.shape[3]), precision=operand_precision(q.dtype),
             interpret=interpret)
   store = store_dtype(q.dtype)
   u, wk, inv = kernels.prepare(k, v, beta, G, seq, prev, store_dtype=store, **kw)
-  h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, store_dtype=store, **kw)
-  o = kernels.output(q, k, v, beta, G, seq, prev, x, h, scale=scale, **kw)
+  if _on_mosaic(bs, "state_forward", q, k, v):
+    from pallas_kernels.gpu import mosaic
+    h, x, hT = mosaic.state_forward(k, v, beta, G, seq, prev, u, wk, h0, chunk=bs.chunk,
+                                    interpret=interpret)
+  else:
+    h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, store_dtype=store,
+                                     **kw)
+  if _on_mosaic(bs, "output", q, k, v):
+    from pallas_kernels.gpu import mosaic
+    o = mosaic.output(q, k, v, beta, G, seq, prev, x, h, scale=scale, chunk=bs.chunk,
+                      interpret=interpret)
+  else:
+    o = kernels.output(q, k, v, beta, G, seq, prev, x, h, scale=scale, **kw)
   return o, hT, (q, k, v, beta, G, seq, prev, inv, u, wk, x, h)
 
 
@@ -75,7 +95,12 @@ def _bwd(scale, bs, interpret, res, cotangents):
   do, dhT = cotangents
   kw = dict(scale=scale, bs=bs.fitted(q.dtype, k.shape[3]), precision=operand_precision(q.dtype),
             interpret=interpret)
-  local = kernels.local_dy(q, k, G, seq, prev, do, **kw)
+  if _on_mosaic(bs, "local_dy", q, k, v, do):
+    from pallas_kernels.gpu import mosaic
+    local = mosaic.local_dy(q, k, G, seq, prev, do, scale=scale, chunk=bs.chunk,
+                            interpret=interpret)
+  else:
+    local = kernels.local_dy(q, k, G, seq, prev, do, **kw)
   dh, dx, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, local[0],
                                        dhT.astype(jnp.float32), store_dtype=store_dtype(q.dtype),
                                        **kw)

@@ -164,3 +164,41 @@ def test_state_forward_lowers_for_cuda():
   args = _state_inputs(15, K=128, V=128, L=2)
   fn = jax.jit(lambda *a: mosaic.state_forward(*a))
   assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _primitive_names(jaxpr):
+  names = []
+  for eqn in jaxpr.eqns:
+    names.append(eqn.params.get("name") or eqn.primitive.name)
+    for p in eqn.params.values():
+      for inner in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          names.extend(_primitive_names(inner))
+  return names
+
+
+def test_custom_vjp_with_the_mosaic_stages_matches_naive(monkeypatch):
+  from kernel_checks import check_against_naive
+  from pallas_kernels import pallas_prism
+  monkeypatch.setenv("PRISM_MOSAIC_STAGES", ",".join(mosaic.STAGES))
+  case = (1, 150, 2, 64, 64, 2, C, True, True, jnp.bfloat16)  # T padded, segments, S₀
+  check_against_naive(case, backend="gpu", interpret=True, seed=21)
+  # The three stages ran on Mosaic GPU, not on their Triton kernels.
+  q = jnp.zeros((1, C, 1, 64), jnp.bfloat16)
+  k, v = jnp.zeros((1, C, 1, 2, 64), jnp.bfloat16), jnp.zeros((1, C, 1, 2, 64), jnp.bfloat16)
+  beta, g = jnp.ones((1, C, 1, 2), jnp.bfloat16), jnp.zeros((1, C, 1))
+  loss = lambda *a: pallas_prism(*a, chunk_size=C, interpret=True, backend="gpu")[0].astype(
+      jnp.float32).sum()
+  names = _primitive_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, k, v, beta,
+                                                                          g).jaxpr)
+  stages = {"prism_state_forward", "prism_output", "prism_local_dy"}
+  assert not stages & set(names), names
+  assert {name + "_mosaic" for name in stages} | {"prism_inverse"} <= set(names), names
+
+
+def test_unknown_mosaic_stage_is_named(monkeypatch):
+  from pallas_kernels.prism import gpu_block_sizes
+  monkeypatch.setenv("PRISM_MOSAIC_STAGES", "output,inverse")
+  with pytest.raises(ValueError, match="inverse"):
+    gpu_block_sizes(C, interpret=True)
