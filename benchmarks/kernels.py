@@ -273,7 +273,9 @@ def mosaic_calls(B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16):
   h = jnp.zeros((B, H, T // CHUNK * D, D), dtype)
   u, h0 = jnp.zeros((B, T, H, D), jnp.float32), jnp.zeros((B, H, D, D), jnp.float32)
   call = lambda fn, **kw: jax.jit(lambda *a: fn(*a, chunk=CHUNK, interpret=interpret, **kw))
-  return {"state_forward_mosaic": (call(mosaic.state_forward),
+  inv = jnp.zeros((B, T, H, CHUNK), dtype)
+  return {"apply_inverse_mosaic": (call(mosaic.apply_inverse), (k, v, beta, G, seq, prev, inv)),
+          "state_forward_mosaic": (call(mosaic.state_forward),
                                    (k, v, beta, G, seq, prev, u, x, h0)),
           "output_mosaic": (call(mosaic.output, scale=0.1), (q, k, v, beta, G, seq, prev, x, h)),
           "local_dy_mosaic": (call(mosaic.local_dy, scale=0.1), (q, k, G, seq, prev, do))}
@@ -347,8 +349,8 @@ def main():
                       help=f"with --stages: precisions of the inverse to time, from {SOLVES}")
   parser.add_argument("--only", default=None,
                       help="with --stages: kernels to time, e.g. inverse,wy_grads "
-                           "(state_forward_mosaic, output_mosaic, local_dy_mosaic: the Mosaic "
-                           "GPU versions)")
+                           "(apply_inverse_mosaic, state_forward_mosaic, output_mosaic, "
+                           "local_dy_mosaic: the Mosaic GPU versions)")
   parser.add_argument("--warps", default=None,
                       help='with --stages: per-kernel warps to time, e.g. '
                            '"prism_inverse=2;prism_inverse=8,prism_output=8"')

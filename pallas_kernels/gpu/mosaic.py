@@ -5,10 +5,12 @@ backend each stage uses is decided by timing both on the H200 (`benchmarks/kerne
 lists the Mosaic versions beside the Triton ones); until a Mosaic version is measured faster,
 the custom_vjp keeps the Triton kernels.
 
-Three stages so far: `state_forward` (the pass over chunks, one program per value block and
+Four stages so far: `state_forward` (the pass over chunks, one program per value block and
 batch·head, the next chunk's operands loading while the current one computes), and, one program
-per (chunk, batch·head) over the whole value width, `output` (O = γ ⊙ Q S + Σ_l causal((Q K^lᵀ)
-⊙ D) Y^l) and `local_dy` (P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO of every write). Operands travel
+per (chunk, batch·head) over the whole value width, `apply_inverse` (U and Wk), `output` (O =
+γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l) and `local_dy` (P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO of
+every write). The (I + A)⁻¹ kernel stays on Triton: its 16 × 16 float32 blocks are below the
+64-row WGMMA tile. Operands travel
 by TMA into swizzled shared memory and every product runs on the warpgroup tensor cores
 (WGMMA); the masked, decayed C × C scores are
 written back to shared memory in the 16-bit input type for the second product (the rounding
@@ -49,7 +51,11 @@ def unsupported_reason(q, k, v, chunk) -> str | None:
   return None
 
 
-STAGES = ("state_forward", "output", "local_dy")
+STAGES = ("apply_inverse", "state_forward", "output", "local_dy")
+# Writes whose per-chunk operands fit Hopper's 227 KB of shared memory per block (bf16 at
+# K = V = 128: apply_inverse about 180 KB and the double-buffered state pass about 210 KB at
+# L = 2).
+MAX_WRITES = {"apply_inverse": 2, "state_forward": 2}
 
 
 def stage_reason(stage, q, k, v, chunk) -> str | None:
@@ -58,13 +64,13 @@ def stage_reason(stage, q, k, v, chunk) -> str | None:
   if stage not in STAGES:
     raise ValueError(f"no Mosaic GPU stage {stage!r}; there are {STAGES}")
   reason = unsupported_reason(q, k, v, chunk)
-  if reason is None and stage == "state_forward" and k.shape[3] > 2:
-    return f"L = {k.shape[3]} (two chunks of keys in shared memory fit up to L = 2)"
+  if reason is None and k.shape[3] > MAX_WRITES.get(stage, k.shape[3]):
+    return f"L = {k.shape[3]} (shared memory holds the operands up to L = {MAX_WRITES[stage]})"
   return reason
 
 
 def _check(name, q, k, v, chunk):
-  reason = unsupported_reason(q, k, v, chunk)
+  reason = stage_reason(name, q, k, v, chunk)
   if reason:
     raise ValueError(f"mosaic.{name}: unsupported {reason}")
   if q.shape[1] % chunk:
@@ -262,7 +268,7 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
   gamma_last = jnp.transpose(gamma.reshape(B, N, C, H)[:, :, -1], (0, 2, 1))  # [B, H, N]
   gamma_rows = jnp.broadcast_to(gamma_last[..., None], (B, H, N, K))
   beta_hm = jnp.transpose(beta.astype(jnp.float32), (0, 2, 3, 1))  # [B, H, L, T]
-  per_chunk = 4 + 2 * L  # TMA copies per chunk: k^l, v^l, β^l (l ≥ 2), U, Wk, e, γ_C
+  per_chunk = 2 + 3 * L  # TMA copies per chunk: k^l, v^l and β^l (l ≥ 2), U, Wk, e, γ_C
 
   def body(k_gmem, v_gmem, beta_gmem, e_gmem, gl_gmem, u_gmem, wk_gmem, h0_gmem,
            h_gmem, x_gmem, hT_gmem,
@@ -338,3 +344,73 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
       grid=(V // BV, B * H), grid_names=("j", "bh"), interpret=_interpret(interpret),
       kernel_name="prism_state_forward_mosaic",
   )(k, v, beta_hm, to_end, gamma_rows, u, wk, h0)
+
+
+def apply_inverse(k, v, beta, G, seq, prev, inv, *, chunk=64, interpret=False):
+  """U [B,T,H,V] float32 and Wk [B,T,H,K] in the input dtype, as `kernels.apply_inverse`: k
+  [B,T,H,L,K], v [B,T,H,L,V], beta [B,T,H,L] and the rows of every chunk's (I + A)⁻¹
+  [B,T,H,C] (one 16-bit dtype), G [B,T,H] float32, seq / prev [B,T] float32.
+
+  One program per (chunk, batch·head): Wk = (I + A)⁻¹ (β¹γ ⊙ K¹) and U = (I + A)⁻¹ R with
+  R = β¹ ⊙ V¹ − Σ_{l≥2} M^l (β^l ⊙ V^l), M^l = β¹ ⊙ strict(K¹K^lᵀ ⊙ D); every product on WGMMA
+  with 16-bit operands written to shared memory, as the Triton kernel rounds them.
+  """
+  _check("apply_inverse", inv, k, v, chunk)
+  B, T, H, L, K = k.shape
+  V, C, dtype = v.shape[-1], chunk, k.dtype
+  G_hm = jnp.transpose(G.astype(jnp.float32), (0, 2, 1))  # [B, H, T]
+  beta_hm = jnp.transpose(beta.astype(jnp.float32), (0, 2, 3, 1))  # [B, H, L, T]
+  extra = max(L - 1, 1)
+
+  def body(k_gmem, v_gmem, beta_gmem, G_gmem, seq_gmem, prev_gmem, inv_gmem, u_gmem, wk_gmem,
+           k_smem, v_smem, inv_smem, beta_smem, vec_smem, bk_smem, r_smem, m_smem, w_smem,
+           u_out, wk_out, bar):
+    n, bh = lax.axis_index("n"), lax.axis_index("bh")
+    b, hd = bh // H, bh % H
+    rows = pl.ds(n * C, C)
+    _copy_in([(inv_gmem.at[b, rows, hd], inv_smem),
+              (G_gmem.at[b, hd, rows], vec_smem.at[0]), (G_gmem.at[b, hd, rows], vec_smem.at[1]),
+              (seq_gmem.at[b, rows], vec_smem.at[2]), (seq_gmem.at[b, rows], vec_smem.at[3]),
+              (prev_gmem.at[b, rows], vec_smem.at[4])]
+             + [(k_gmem.at[b, rows, hd, l], k_smem.at[l]) for l in range(L)]
+             + [(v_gmem.at[b, rows, hd, l], v_smem.at[l]) for l in range(L)]
+             + [(beta_gmem.at[b, hd, l, rows], beta_smem.at[l]) for l in range(L)], bar)
+    G_row, seq_row = _rows(vec_smem.at[0]), _rows(vec_smem.at[2])
+    on_rows = lambda x, width: lax.broadcast_in_dim(x, (C, width), [0])
+    b1 = _rows(beta_smem.at[0])
+    gamma = jnp.exp(jnp.where(seq_row == _rows(vec_smem.at[4]), G_row, -jnp.inf))
+    bk_smem[...] = (on_rows(b1 * gamma, K) * k_smem[0].astype(jnp.float32)).astype(dtype)
+    r = on_rows(b1, V) * v_smem[0].astype(jnp.float32)
+    if L > 1:
+      # strict(·) is the causal mask less its diagonal.
+      decay = _causal_decay(G_row, _cols(vec_smem.at[1]), seq_row, _cols(vec_smem.at[3]), C,
+                            query_rows=True)
+      i = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=_LAYOUT)
+      j = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_LAYOUT)
+      decay = jnp.where(i > j, decay, 0.0)
+      for l in range(1, L):
+        m = _product(k_smem.at[0], k_smem.at[l].transpose((1, 0)), (C, C)) * decay
+        m_smem[...] = (on_rows(b1, C) * m).astype(dtype)
+        w_smem[...] = (on_rows(_rows(beta_smem.at[l]), V)
+                       * v_smem[l].astype(jnp.float32)).astype(dtype)
+        plgpu.commit_smem()
+        r = r - _product(m_smem, w_smem, (C, V))
+    r_smem[...] = r.astype(dtype)
+    plgpu.commit_smem()  # the tensor cores read Bk and R through the async proxy
+    _store(_product(inv_smem, bk_smem, (C, K)), wk_out, wk_gmem.at[b, rows, hd])
+    _store(_product(inv_smem, r_smem, (C, V)), u_out, u_gmem.at[b, rows, hd])
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      body,
+      out_type=[jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
+                jax.ShapeDtypeStruct((B, T, H, K), dtype)],
+      scratch_types=[_operand_smem((L, C, K), dtype), _operand_smem((L, C, V), dtype),
+                     _operand_smem((C, C), dtype), plgpu.SMEM((L, C), jnp.float32),
+                     plgpu.SMEM((5, C), jnp.float32), _operand_smem((C, K), dtype),
+                     _operand_smem((C, V), dtype), _operand_smem((C, C), dtype),
+                     _operand_smem((C, V), dtype), plgpu.SMEM((C, V), jnp.float32),
+                     _operand_smem((C, K), dtype), plgpu.Barrier(num_barriers=6 + 3 * L)],
+      grid=(T // C, B * H), grid_names=("n", "bh"), interpret=_interpret(interpret),
+      kernel_name="prism_apply_inverse_mosaic",
+  )(k, v, beta_hm, G_hm, seq, prev, inv)

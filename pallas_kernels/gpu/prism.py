@@ -68,7 +68,13 @@ def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
   kw = dict(bs=bs.fitted(q.dtype, k.shape[3]), precision=operand_precision(q.dtype),
             interpret=interpret)
   store = store_dtype(q.dtype)
-  u, wk, inv = kernels.prepare(k, v, beta, G, seq, prev, store_dtype=store, **kw)
+  if _on_mosaic(bs, "apply_inverse", q, k, v):
+    from pallas_kernels.gpu import mosaic
+    inv = kernels.inverse(k, beta, G, seq, solve=cm.HIGHEST, store_dtype=store, **kw)
+    u, wk = mosaic.apply_inverse(k, v, beta, G, seq, prev, inv, chunk=bs.chunk,
+                                 interpret=interpret)
+  else:
+    u, wk, inv = kernels.prepare(k, v, beta, G, seq, prev, store_dtype=store, **kw)
   if _on_mosaic(bs, "state_forward", q, k, v):
     from pallas_kernels.gpu import mosaic
     h, x, hT = mosaic.state_forward(k, v, beta, G, seq, prev, u, wk, h0, chunk=bs.chunk,

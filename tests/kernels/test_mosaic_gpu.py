@@ -123,7 +123,7 @@ def test_output_lowers_for_cuda():
 def test_benchmark_entry_points_run():
   # `kernels.py --stages` times these beside the Triton kernels on the GPU.
   calls = mosaic_calls(1, 2 * C, 1, 64, 2, interpret=True)
-  assert set(calls) == {"state_forward_mosaic", "output_mosaic", "local_dy_mosaic"}
+  assert set(calls) == {name + "_mosaic" for name in mosaic.STAGES}
   for name, (fn, args) in calls.items():
     for out in jax.tree.leaves(fn(*args)):
       assert np.all(np.isfinite(np.asarray(out, np.float32))), name
@@ -192,7 +192,7 @@ def test_custom_vjp_with_the_mosaic_stages_matches_naive(monkeypatch):
       jnp.float32).sum()
   names = _primitive_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, k, v, beta,
                                                                           g).jaxpr)
-  stages = {"prism_state_forward", "prism_output", "prism_local_dy"}
+  stages = {"prism_" + name for name in mosaic.STAGES}
   assert not stages & set(names), names
   assert {name + "_mosaic" for name in stages} | {"prism_inverse"} <= set(names), names
 
@@ -202,3 +202,34 @@ def test_unknown_mosaic_stage_is_named(monkeypatch):
   monkeypatch.setenv("PRISM_MOSAIC_STAGES", "output,inverse")
   with pytest.raises(ValueError, match="inverse"):
     gpu_block_sizes(C, interpret=True)
+
+
+@pytest.mark.parametrize("L", [1, 2])
+def test_apply_inverse_matches_the_triton_kernel_in_interpret_mode(L):
+  from pallas_kernels.gpu import kernels as gk
+  from prism_jax.ops import chunk_math as cm
+  k, v, beta, G, seq, prev, *_ = _state_inputs(31 + L, L=L)
+  bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  inv = gk.inverse(k, beta, G, seq, bs=bs, precision=cm.BF16, interpret=True,
+                   store_dtype=jnp.bfloat16)
+  args = (k, v, beta, G, seq, prev, inv)
+  out = mosaic.apply_inverse(*args, interpret=True)
+  ref = gk.apply_inverse(*args, bs=bs, precision=cm.BF16, solve=cm.BF16, interpret=True,
+                         store_dtype=jnp.bfloat16)
+  for name, o, r in zip(("U", "Wk"), out, ref):
+    assert o.shape == r.shape and o.dtype == r.dtype, name
+    # The same bf16 operands and float32 sums, in another order.
+    assert_close(name, np.asarray(r, np.float32), np.asarray(o, np.float32), tol=1e-4)
+
+
+def test_apply_inverse_lowers_for_cuda_and_names_its_write_limit():
+  pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
+  k, v, beta, G, seq, prev, *_ = _state_inputs(35, K=128, V=128, L=2)
+  inv = jnp.zeros(k.shape[:3] + (C,), jnp.bfloat16)
+  fn = jax.jit(lambda *a: mosaic.apply_inverse(*a))
+  assert "mosaic_gpu" in fn.trace(k, v, beta, G, seq, prev, inv).lower(
+      lowering_platforms=("cuda",)).as_text()
+  k3, v3 = (jnp.concatenate([x, x[:, :, :, :1]], axis=3) for x in (k, v))
+  with pytest.raises(ValueError, match="L = 3"):
+    mosaic.apply_inverse(k3, v3, jnp.concatenate([beta, beta[..., :1]], axis=3), G, seq, prev,
+                         inv, interpret=True)
