@@ -48,8 +48,8 @@ class BlockSizes:
   seq_min_programs programs would share the GPU (`seq_tiling`); kernel_warps: ((kernel name,
   warps), ...) overriding the above (tuning runs); kernel_stages: the same for num_stages
   (`fitted` sets it); mosaic: stages to run on the Mosaic GPU versions of gpu/mosaic.py where
-  those take the shapes (none by default: not yet timed against the Triton kernels). The defaults are the
-  fastest measured on the H200 (RESULTS.md)."""
+  those take the shapes (none by default: not yet timed against the Triton kernels). The
+  defaults are the fastest measured on the H200 (RESULTS.md)."""
   chunk: int = 64
   block_v: int = 64
   num_warps: int = 4
