@@ -278,7 +278,9 @@ def mosaic_calls(B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16):
           "state_forward_mosaic": (call(mosaic.state_forward),
                                    (k, v, beta, G, seq, prev, u, x, h0)),
           "output_mosaic": (call(mosaic.output, scale=0.1), (q, k, v, beta, G, seq, prev, x, h)),
-          "local_dy_mosaic": (call(mosaic.local_dy, scale=0.1), (q, k, G, seq, prev, do))}
+          "local_dy_mosaic": (call(mosaic.local_dy, scale=0.1), (q, k, G, seq, prev, do)),
+          "state_backward_mosaic": (call(mosaic.state_backward, scale=0.1),
+                                    (q, k, G, seq, prev, x, do, u, h0))}
 
 
 def _block_sizes(spec):
@@ -349,8 +351,7 @@ def main():
                       help=f"with --stages: precisions of the inverse to time, from {SOLVES}")
   parser.add_argument("--only", default=None,
                       help="with --stages: kernels to time, e.g. inverse,wy_grads "
-                           "(apply_inverse_mosaic, state_forward_mosaic, output_mosaic, "
-                           "local_dy_mosaic: the Mosaic GPU versions)")
+                           "(<kernel>_mosaic: its Mosaic GPU version, where one exists)")
   parser.add_argument("--warps", default=None,
                       help='with --stages: per-kernel warps to time, e.g. '
                            '"prism_inverse=2;prism_inverse=8,prism_output=8"')

@@ -3,21 +3,21 @@
 JAX 0.11 deprecates the Pallas Triton backend and recommends Mosaic GPU on Hopper. Which
 backend each stage uses is decided by timing both on the H200 (`benchmarks/kernels.py --stages`
 lists the Mosaic versions beside the Triton ones); until a Mosaic version is measured faster,
-the custom_vjp keeps the Triton kernels.
+the custom_vjp keeps the Triton kernels unless `PRISM_MOSAIC_STAGES` names the stage.
 
-Four stages so far: `state_forward` (the pass over chunks, one program per value block and
-batch·head, the next chunk's operands loading while the current one computes), and, one program
-per (chunk, batch·head) over the whole value width, `apply_inverse` (U and Wk), `output` (O =
-γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l) and `local_dy` (P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO of
-every write). The (I + A)⁻¹ kernel stays on Triton: its 16 × 16 float32 blocks are below the
-64-row WGMMA tile. Operands travel
-by TMA into swizzled shared memory and every product runs on the warpgroup tensor cores
-(WGMMA); the masked, decayed C × C scores are
-written back to shared memory in the 16-bit input type for the second product (the rounding
-the Triton kernels apply too). The C × C masks come from WGMMA-layout iotas and the gate rows
-and columns from vectors loaded in the matching reduced layouts, so nothing is transposed in
-registers; a vector read both as rows and as columns is copied twice (layout inference gives
-each shared-memory buffer one register layout).
+Five stages so far: the two passes over chunks, `state_forward` and `state_backward` (one
+program per value block and batch·head, the next chunk's operands loading while the current one
+computes), and, one program per (chunk, batch·head) over the whole value width, `apply_inverse`
+(U and Wk), `output` (O = γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l) and `local_dy` (P^lᵀ dO =
+causal((Q K^lᵀ) ⊙ D)ᵀ dO of every write). The (I + A)⁻¹ kernel stays on Triton (its 16 × 16
+float32 blocks are below the 64-row WGMMA tile), and so, for now, do the two gradient kernels.
+Operands travel by TMA into swizzled shared memory and every product runs on the warpgroup
+tensor cores (WGMMA); the masked, decayed C × C scores are written back to shared memory in the
+16-bit input type for the second product (the rounding the Triton kernels apply too). The C × C
+masks come from WGMMA-layout iotas and the gate rows and columns from vectors loaded in the
+matching reduced layouts, so nothing is transposed in registers; a vector read both as rows and
+as columns is copied twice (layout inference gives each shared-memory buffer one register
+layout).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def unsupported_reason(q, k, v, chunk) -> str | None:
   return None
 
 
-STAGES = ("apply_inverse", "state_forward", "output", "local_dy")
+STAGES = ("apply_inverse", "state_forward", "output", "local_dy", "state_backward")
 # Writes whose per-chunk operands fit Hopper's 227 KB of shared memory per block (bf16 at
 # K = V = 128: apply_inverse about 180 KB and the double-buffered state pass about 210 KB at
 # L = 2).
@@ -415,3 +415,103 @@ def apply_inverse(k, v, beta, G, seq, prev, inv, *, chunk=64, interpret=False):
       grid=(T // C, B * H), grid_names=("n", "bh"), interpret=_interpret(interpret),
       kernel_name="prism_apply_inverse_mosaic",
   )(k, v, beta_hm, G_hm, seq, prev, inv)
+
+
+def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, block_v=64, chunk=64,
+                   interpret=False):
+  """The reverse pass over chunks, as `kernels.state_backward`: the cotangents of the states
+  leaving each chunk dh [B,H,N·K,V] in the input dtype, dX [B,T,H,V] float32 and dS₀
+  [B,H,K,V] float32. q [B,T,H,K], k [B,T,H,L,K] (K¹ is read), wk [B,T,H,K], do [B,T,H,V] (one
+  16-bit dtype), local1 = P¹ᵀ dO [B,T,H,V] float32, dhT [B,H,K,V] float32.
+
+  The mirror of `state_forward`: per chunk, last to first, dS' goes to shared memory in bf16
+  (the saved dh and the operand of K¹ dS'); dX = P¹ᵀ dO + e ⊙ (K¹ dS'); then dS = γ_C dS' +
+  Qᵀ (scale γ ⊙ dO) − Wkᵀ dX, both products accumulated on WGMMA.
+  """
+  from pallas_kernels.gpu.kernels import pass_gates
+  _check("state_backward", q, k, do, chunk)
+  B, T, H, L, K = k.shape
+  V, C, dtype = do.shape[-1], chunk, q.dtype
+  BV, N = min(block_v, V), T // chunk
+  if BV % 64 or V % BV:
+    raise ValueError(f"mosaic.state_backward: block_v {BV} must be a multiple of 64 dividing V")
+  gamma, to_end = pass_gates(G, seq, prev, C)  # [B, T, H] float32
+  gamma_last = jnp.transpose(gamma.reshape(B, N, C, H)[:, :, -1], (0, 2, 1))  # [B, H, N]
+  gamma_rows = jnp.broadcast_to(gamma_last[..., None], (B, H, N, K))
+  scaled_gamma = jnp.transpose(gamma * scale, (0, 2, 1))  # [B, H, T]
+  to_end = jnp.transpose(to_end, (0, 2, 1))
+  per_chunk = 8  # TMA copies per chunk: q, K¹, Wk, dO, P¹ᵀ dO, scale γ, e, γ_C
+
+  def body(q_gmem, k_gmem, wk_gmem, do_gmem, local_gmem, g_gmem, e_gmem, gl_gmem, dhT_gmem,
+           dh_gmem, dx_gmem, dh0_gmem,
+           q_smem, k_smem, wk_smem, do_smem, local_smem, g_smem, e_smem, gl_smem, ds_smem,
+           gdo_smem, ndx_smem, f32_smem, bar, bar0):
+    # dX goes out through the first C rows of the buffer that holds dS at both ends (232 KB
+    # with a buffer of its own at K = V = 128, over the 227 KB of a block).
+    dx_out = f32_smem.at[pl.ds(0, C)]
+    j, bh = lax.axis_index("j"), lax.axis_index("bh")
+    b, hd = bh // H, bh % H
+    cols = pl.ds(j * BV, BV)
+
+    def fetch(n, slot):
+      rows = pl.ds(n * C, C)
+      copies = [(q_gmem.at[b, rows, hd], q_smem.at[slot]),
+                (k_gmem.at[b, rows, hd, 0], k_smem.at[slot]),
+                (wk_gmem.at[b, rows, hd], wk_smem.at[slot]),
+                (do_gmem.at[b, rows, hd, cols], do_smem.at[slot]),
+                (local_gmem.at[b, rows, hd, cols], local_smem.at[slot]),
+                (g_gmem.at[b, hd, rows], g_smem.at[slot]),
+                (e_gmem.at[b, hd, rows], e_smem.at[slot]),
+                (gl_gmem.at[b, hd, n], gl_smem.at[slot])]
+      for i, (src, dst) in enumerate(copies):
+        plgpu.copy_gmem_to_smem(src, dst, bar.at[slot * per_chunk + i])
+
+    fetch(N - 1, 0)
+    _copy_in([(dhT_gmem.at[b, hd, :, cols], f32_smem)], bar0)
+    dstate = f32_smem[...]
+
+    def step(i, dstate):
+      n, slot = N - 1 - i, lax.rem(i, 2)
+
+      @pl.when(i + 1 < N)
+      def _():
+        fetch(n - 1, 1 - slot)
+
+      for c in range(per_chunk):
+        plgpu.barrier_wait(bar.at[slot * per_chunk + c])
+      rows = pl.ds(n * C, C)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last chunk's stores have read them
+      ds_smem[...] = dstate.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(ds_smem, dh_gmem.at[b, hd, pl.ds(n * K, K), cols])
+      e = lax.broadcast_in_dim(_rows(e_smem.at[slot]), (C, BV), [0])
+      dx = local_smem[slot] + e * _product(k_smem.at[slot], ds_smem, (C, BV))
+      dx_out[...] = dx
+      ndx_smem[...] = (-dx).astype(dtype)
+      g = lax.broadcast_in_dim(_rows(g_smem.at[slot]), (C, BV), [0])
+      gdo_smem[...] = (g * do_smem[slot].astype(jnp.float32)).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(dx_out, dx_gmem.at[b, rows, hd, cols])
+      decayed = dstate * lax.broadcast_in_dim(_rows(gl_smem.at[slot]), (K, BV), [0])
+      return decayed + _products([(q_smem.at[slot].transpose((1, 0)), gdo_smem),
+                                  (wk_smem.at[slot].transpose((1, 0)), ndx_smem)], (K, BV))
+
+    dstate = lax.fori_loop(0, N, step, dstate)
+    _store(dstate, f32_smem, dh0_gmem.at[b, hd, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      body,
+      out_type=[jax.ShapeDtypeStruct((B, H, N * K, V), dtype),
+                jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
+                jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
+      scratch_types=[_operand_smem((2, C, K), dtype), _operand_smem((2, C, K), dtype),
+                     _operand_smem((2, C, K), dtype), _operand_smem((2, C, BV), dtype),
+                     plgpu.SMEM((2, C, BV), jnp.float32), plgpu.SMEM((2, C), jnp.float32),
+                     plgpu.SMEM((2, C), jnp.float32), plgpu.SMEM((2, K), jnp.float32),
+                     _operand_smem((K, BV), dtype), _operand_smem((C, BV), dtype),
+                     _operand_smem((C, BV), dtype), plgpu.SMEM((K, BV), jnp.float32),  # K ≥ C
+                     plgpu.Barrier(num_barriers=2 * per_chunk), plgpu.Barrier(num_barriers=1)],
+      grid=(V // BV, B * H), grid_names=("j", "bh"), interpret=_interpret(interpret),
+      kernel_name="prism_state_backward_mosaic",
+  )(q, k, wk, do, local1, scaled_gamma, to_end, gamma_rows, dhT)

@@ -107,9 +107,15 @@ def _bwd(scale, bs, interpret, res, cotangents):
                             interpret=interpret)
   else:
     local = kernels.local_dy(q, k, G, seq, prev, do, **kw)
-  dh, dx, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, local[0],
-                                       dhT.astype(jnp.float32), store_dtype=store_dtype(q.dtype),
-                                       **kw)
+  if _on_mosaic(bs, "state_backward", q, k, v, do):
+    from pallas_kernels.gpu import mosaic
+    dh, dx, dh0 = mosaic.state_backward(q, k, G, seq, prev, wk, do, local[0],
+                                        dhT.astype(jnp.float32), scale=scale, chunk=bs.chunk,
+                                        interpret=interpret)
+  else:
+    dh, dx, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, local[0],
+                                         dhT.astype(jnp.float32),
+                                         store_dtype=store_dtype(q.dtype), **kw)
   dq, dk, dv, dbeta, dG = kernels.grads(q, k, v, beta, G, seq, prev, inv, u, wk, x, h, dh, dx,
                                         local, do, **kw)
   return (dq, jnp.stack(dk, axis=3), jnp.stack(dv, axis=3), jnp.stack(dbeta, axis=3), dG,
