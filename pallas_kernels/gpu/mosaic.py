@@ -78,10 +78,15 @@ def _check(name, q, k, v, chunk):
     raise ValueError(f"mosaic.{name}: T = {q.shape[1]} is not a multiple of the chunk {chunk}")
 
 
+def _start_copies(copies, bar, first=0):
+  """Start every (gmem, smem) copy, each on its own barrier from `first` on."""
+  for i, (src, dst) in enumerate(copies):
+    plgpu.copy_gmem_to_smem(src, dst, bar.at[first + i])
+
+
 def _copy_in(copies, bar):
   """Start every (gmem, smem) copy on its own barrier, then wait for all of them."""
-  for i, (src, dst) in enumerate(copies):
-    plgpu.copy_gmem_to_smem(src, dst, bar.at[i])
+  _start_copies(copies, bar)
   for i in range(len(copies)):
     plgpu.barrier_wait(bar.at[i])
 
@@ -132,6 +137,31 @@ def _store(x, smem, gmem):
   smem[...] = x.astype(smem.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(smem, gmem)
+
+
+def _prefetch_and_wait(more, fetch_next, bar, slot, per_chunk):
+  """A pass over chunks: start loading the next chunk into the other slot (when `more`), then
+  wait for this slot's `per_chunk` copies."""
+  pl.when(more)(fetch_next)
+  for c in range(per_chunk):
+    plgpu.barrier_wait(bar.at[slot * per_chunk + c])
+
+
+def _pass_gates(name, G, seq, prev, K, V, C, block_v):
+  """Value columns per program and chunk count of a pass over chunks, and its gates head-major
+  (TMA needs a contiguous minor axis): γ and e [B, H, T] as in the Triton passes
+  (`kernels.pass_gates`), and γ_C of every chunk repeated along the K rows of the state it
+  scales [B, H, N, K]."""
+  from pallas_kernels.gpu.kernels import pass_gates
+  B, T, H = G.shape
+  BV, N = min(block_v, V), T // C
+  if BV % 64 or V % BV:
+    raise ValueError(f"mosaic.{name}: block_v {BV} must be a multiple of 64 dividing V")
+  gamma, to_end = pass_gates(G, seq, prev, C)  # [B, T, H] float32
+  gamma_last = jnp.transpose(gamma.reshape(B, N, C, H)[:, :, -1], (0, 2, 1))  # [B, H, N]
+  head_major = lambda x: jnp.transpose(x, (0, 2, 1))
+  return (BV, N, head_major(gamma), head_major(to_end),
+          jnp.broadcast_to(gamma_last[..., None], (B, H, N, K)))
 
 
 def _interpret(interpret):
@@ -256,18 +286,10 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
   bf16 K = 128, BV = 64: about 160 KB at L = 1 and 210 KB at L = 2 (the two slots hold the
   keys, U and Wk of two chunks); L = 3 does not fit the 227 KB of a block.
   """
-  from pallas_kernels.gpu.kernels import pass_gates  # γ and e as in the Triton passes
   _check("state_forward", wk, k, v, chunk)
   B, T, H, L, K = k.shape
   V, C, dtype = v.shape[-1], chunk, k.dtype
-  BV, N = min(block_v, V), T // chunk
-  if BV % 64 or V % BV:
-    raise ValueError(f"mosaic.state_forward: block_v {BV} must be a multiple of 64 dividing V")
-  gamma, to_end = pass_gates(G, seq, prev, C)  # [B, T, H] float32
-  to_end = jnp.transpose(to_end, (0, 2, 1))  # [B, H, T]: TMA needs a contiguous minor axis
-  # γ_C of every chunk, repeated along the K rows of the state it scales.
-  gamma_last = jnp.transpose(gamma.reshape(B, N, C, H)[:, :, -1], (0, 2, 1))  # [B, H, N]
-  gamma_rows = jnp.broadcast_to(gamma_last[..., None], (B, H, N, K))
+  BV, N, _, to_end, gamma_rows = _pass_gates("state_forward", G, seq, prev, K, V, C, block_v)
   beta_hm = jnp.transpose(beta.astype(jnp.float32), (0, 2, 3, 1))  # [B, H, L, T]
   per_chunk = 2 + 3 * L  # TMA copies per chunk: k^l, v^l and β^l (l ≥ 2), U, Wk, e, γ_C
 
@@ -288,29 +310,20 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
       copies += [(k_gmem.at[b, rows, hd, l], k_smem.at[slot, l]) for l in range(L)]
       copies += [(v_gmem.at[b, rows, hd, l, cols], y_smem.at[slot, l - 1]) for l in range(1, L)]
       copies += [(beta_gmem.at[b, hd, l, rows], beta_smem.at[slot, l - 1]) for l in range(1, L)]
-      for i, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, bar.at[slot * per_chunk + i])
-      return len(copies)
+      assert len(copies) == per_chunk
+      _start_copies(copies, bar, slot * per_chunk)
 
-    n_copies = fetch(0, 0)
+    fetch(0, 0)
     _copy_in([(h0_gmem.at[b, hd, :, cols], f32_smem)], bar0)
     state = f32_smem[...]
 
     def step(n, state):
       slot = lax.rem(n, 2)
 
-      @pl.when(n + 1 < N)
-      def _():
-        fetch(n + 1, 1 - slot)
-
-      for i in range(n_copies):
-        plgpu.barrier_wait(bar.at[slot * per_chunk + i])
+      _prefetch_and_wait(n + 1 < N, lambda: fetch(n + 1, 1 - slot), bar, slot, per_chunk)
       rows = pl.ds(n * C, C)
       # The state entering the chunk, as the operand of Wk S and the saved h.
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last chunk's stores have read them
-      s_smem[...] = state.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(s_smem, h_gmem.at[b, hd, pl.ds(n * K, K), cols])
+      _store(state, s_smem, h_gmem.at[b, hd, pl.ds(n * K, K), cols])
       x = u_smem[slot] - _product(wk_smem.at[slot], s_smem, (C, BV))
       x_smem[...] = x.astype(dtype)
       e = lax.broadcast_in_dim(_rows(e_smem.at[slot]), (C, BV), [0])
@@ -428,18 +441,12 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, block_v=64
   (the saved dh and the operand of K¹ dS'); dX = P¹ᵀ dO + e ⊙ (K¹ dS'); then dS = γ_C dS' +
   Qᵀ (scale γ ⊙ dO) − Wkᵀ dX, both products accumulated on WGMMA.
   """
-  from pallas_kernels.gpu.kernels import pass_gates
   _check("state_backward", q, k, do, chunk)
   B, T, H, L, K = k.shape
   V, C, dtype = do.shape[-1], chunk, q.dtype
-  BV, N = min(block_v, V), T // chunk
-  if BV % 64 or V % BV:
-    raise ValueError(f"mosaic.state_backward: block_v {BV} must be a multiple of 64 dividing V")
-  gamma, to_end = pass_gates(G, seq, prev, C)  # [B, T, H] float32
-  gamma_last = jnp.transpose(gamma.reshape(B, N, C, H)[:, :, -1], (0, 2, 1))  # [B, H, N]
-  gamma_rows = jnp.broadcast_to(gamma_last[..., None], (B, H, N, K))
-  scaled_gamma = jnp.transpose(gamma * scale, (0, 2, 1))  # [B, H, T]
-  to_end = jnp.transpose(to_end, (0, 2, 1))
+  BV, N, gamma, to_end, gamma_rows = _pass_gates("state_backward", G, seq, prev, K, V, C,
+                                                 block_v)
+  scaled_gamma = gamma * scale
   per_chunk = 8  # TMA copies per chunk: q, K¹, Wk, dO, P¹ᵀ dO, scale γ, e, γ_C
 
   def body(q_gmem, k_gmem, wk_gmem, do_gmem, local_gmem, g_gmem, e_gmem, gl_gmem, dhT_gmem,
@@ -463,8 +470,7 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, block_v=64
                 (g_gmem.at[b, hd, rows], g_smem.at[slot]),
                 (e_gmem.at[b, hd, rows], e_smem.at[slot]),
                 (gl_gmem.at[b, hd, n], gl_smem.at[slot])]
-      for i, (src, dst) in enumerate(copies):
-        plgpu.copy_gmem_to_smem(src, dst, bar.at[slot * per_chunk + i])
+      _start_copies(copies, bar, slot * per_chunk)
 
     fetch(N - 1, 0)
     _copy_in([(dhT_gmem.at[b, hd, :, cols], f32_smem)], bar0)
@@ -473,17 +479,10 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, block_v=64
     def step(i, dstate):
       n, slot = N - 1 - i, lax.rem(i, 2)
 
-      @pl.when(i + 1 < N)
-      def _():
-        fetch(n - 1, 1 - slot)
-
-      for c in range(per_chunk):
-        plgpu.barrier_wait(bar.at[slot * per_chunk + c])
+      _prefetch_and_wait(i + 1 < N, lambda: fetch(n - 1, 1 - slot), bar, slot, per_chunk)
       rows = pl.ds(n * C, C)
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last chunk's stores have read them
-      ds_smem[...] = dstate.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(ds_smem, dh_gmem.at[b, hd, pl.ds(n * K, K), cols])
+      # dS' as the saved dh and the operand of K¹ dS'.
+      _store(dstate, ds_smem, dh_gmem.at[b, hd, pl.ds(n * K, K), cols])
       e = lax.broadcast_in_dim(_rows(e_smem.at[slot]), (C, BV), [0])
       dx = local_smem[slot] + e * _product(k_smem.at[slot], ds_smem, (C, BV))
       dx_out[...] = dx

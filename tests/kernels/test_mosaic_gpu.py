@@ -130,6 +130,14 @@ def test_benchmark_entry_points_run():
       assert np.all(np.isfinite(np.asarray(out, np.float32))), name
 
 
+def _assert_same(names, out, ref):
+  """Mosaic against Triton: the same bf16 operands and float32 sums (in another order where the
+  WGMMA accumulates differently), so agreement far inside the bf16 tolerance."""
+  for name, o, r in zip(names, out, ref, strict=True):
+    assert o.shape == r.shape and o.dtype == r.dtype, name
+    assert_close(name, np.asarray(r, np.float32), np.asarray(o, np.float32), tol=1e-4)
+
+
 def _state_inputs(seed, B=1, H=2, K=64, V=128, L=2):
   """Inputs of the pass over chunks: three chunks, packed segments, an initial state; U, Wk and
   the keys small enough that the state stays O(1) over the chunks."""
@@ -154,10 +162,7 @@ def test_state_forward_matches_the_triton_kernel_in_interpret_mode(L):
   bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
   ref = gk.state_forward(*args, bs=bs, precision=cm.BF16, interpret=True,
                          store_dtype=jnp.bfloat16)
-  for name, o, r in zip(("h", "x", "final state"), out, ref):
-    assert o.shape == r.shape and o.dtype == r.dtype, name
-    # The same products in the same order: agreement far inside the bf16 tolerance.
-    assert_close(name, np.asarray(r, np.float32), np.asarray(o, np.float32), tol=1e-4)
+  _assert_same(("h", "x", "final state"), out, ref)
 
 
 def test_state_forward_lowers_for_cuda():
@@ -217,10 +222,7 @@ def test_apply_inverse_matches_the_triton_kernel_in_interpret_mode(L):
   out = mosaic.apply_inverse(*args, interpret=True)
   ref = gk.apply_inverse(*args, bs=bs, precision=cm.BF16, solve=cm.BF16, interpret=True,
                          store_dtype=jnp.bfloat16)
-  for name, o, r in zip(("U", "Wk"), out, ref):
-    assert o.shape == r.shape and o.dtype == r.dtype, name
-    # The same bf16 operands and float32 sums, in another order.
-    assert_close(name, np.asarray(r, np.float32), np.asarray(o, np.float32), tol=1e-4)
+  _assert_same(("U", "Wk"), out, ref)
 
 
 def test_apply_inverse_lowers_for_cuda_and_names_its_write_limit():
@@ -248,9 +250,7 @@ def test_state_backward_matches_the_triton_kernel_in_interpret_mode():
   bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
   ref = gk.state_backward(*args, scale=0.3, bs=bs, precision=cm.BF16, interpret=True,
                           store_dtype=jnp.bfloat16)
-  for name, o, r in zip(("dh", "dX", "dS0"), out, ref):
-    assert o.shape == r.shape and o.dtype == r.dtype, name
-    assert_close(name, np.asarray(r, np.float32), np.asarray(o, np.float32), tol=1e-4)
+  _assert_same(("dh", "dX", "dS0"), out, ref)
 
 
 def test_state_backward_lowers_for_cuda():
