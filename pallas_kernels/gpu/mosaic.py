@@ -28,6 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.gpu.kernels import pass_gates
+
 SWIZZLE = 128  # bytes: one 64-element bf16 row per swizzle atom
 
 
@@ -152,7 +154,6 @@ def _pass_gates(name, G, seq, prev, K, V, C, block_v):
   (TMA needs a contiguous minor axis): γ and e [B, H, T] as in the Triton passes
   (`kernels.pass_gates`), and γ_C of every chunk repeated along the K rows of the state it
   scales [B, H, N, K]."""
-  from pallas_kernels.gpu.kernels import pass_gates
   B, T, H = G.shape
   BV, N = min(block_v, V), T // C
   if BV % 64 or V % BV:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from prism_jax.ops import chunk_math as cm
-from pallas_kernels.gpu import kernels
+from pallas_kernels.gpu import kernels, mosaic
 from pallas_kernels.gpu.kernels import BlockSizes
 
 
@@ -60,7 +60,6 @@ def _on_mosaic(bs, stage, q, k, v, do=None):
   arrays; otherwise the Triton kernel runs)."""
   if stage not in bs.mosaic:
     return False
-  from pallas_kernels.gpu import mosaic
   return mosaic.stage_reason(stage, q, k, v if do is None else do, bs.chunk) is None
 
 
@@ -69,21 +68,18 @@ def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
             interpret=interpret)
   store = store_dtype(q.dtype)
   if _on_mosaic(bs, "apply_inverse", q, k, v):
-    from pallas_kernels.gpu import mosaic
     inv = kernels.inverse(k, beta, G, seq, solve=cm.HIGHEST, store_dtype=store, **kw)
     u, wk = mosaic.apply_inverse(k, v, beta, G, seq, prev, inv, chunk=bs.chunk,
                                  interpret=interpret)
   else:
     u, wk, inv = kernels.prepare(k, v, beta, G, seq, prev, store_dtype=store, **kw)
   if _on_mosaic(bs, "state_forward", q, k, v):
-    from pallas_kernels.gpu import mosaic
     h, x, hT = mosaic.state_forward(k, v, beta, G, seq, prev, u, wk, h0, chunk=bs.chunk,
                                     interpret=interpret)
   else:
     h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, store_dtype=store,
                                      **kw)
   if _on_mosaic(bs, "output", q, k, v):
-    from pallas_kernels.gpu import mosaic
     o = mosaic.output(q, k, v, beta, G, seq, prev, x, h, scale=scale, chunk=bs.chunk,
                       interpret=interpret)
   else:
@@ -102,13 +98,11 @@ def _bwd(scale, bs, interpret, res, cotangents):
   kw = dict(scale=scale, bs=bs.fitted(q.dtype, k.shape[3]), precision=operand_precision(q.dtype),
             interpret=interpret)
   if _on_mosaic(bs, "local_dy", q, k, v, do):
-    from pallas_kernels.gpu import mosaic
     local = mosaic.local_dy(q, k, G, seq, prev, do, scale=scale, chunk=bs.chunk,
                             interpret=interpret)
   else:
     local = kernels.local_dy(q, k, G, seq, prev, do, **kw)
   if _on_mosaic(bs, "state_backward", q, k, v, do):
-    from pallas_kernels.gpu import mosaic
     dh, dx, dh0 = mosaic.state_backward(q, k, G, seq, prev, wk, do, local[0],
                                         dhT.astype(jnp.float32), scale=scale, chunk=bs.chunk,
                                         interpret=interpret)
