@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -38,6 +39,7 @@ WRITES = (1, 2, 3)
 MEMORY_SHAPE = (1, 65536, 16, 128, 2)  # B, T, H, K = V, L
 PEAK_FLOPS, PEAK_BYTES = 790e12, 4.3e12
 CHUNK = 64
+STAGE_SCALE = 0.1  # the attention scale of the kernels timed alone
 
 
 def make_inputs(B, T, H, D, L, seed=0, dtype=jnp.bfloat16):
@@ -182,7 +184,7 @@ def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16, 
   inv = f32(B, T, H, CHUNK).astype(store["store_dtype"])
   state = f32(B, H, D, D)
   h = f32(B, H, T // CHUNK * D, D).astype(store["store_dtype"])
-  scale = dict(scale=0.1)
+  scale = dict(scale=STAGE_SCALE)
   call = lambda fn, *extra: jax.jit(lambda *a: fn(*a, **kw, **{k: v for d in extra
                                                              for k, v in d.items()}))
   return {
@@ -261,26 +263,20 @@ def _profile_fla(args, do, label, runs):
           flush=True)
 
 
-def mosaic_calls(B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16):
+def mosaic_calls(calls, interpret=False):
   """The Mosaic GPU versions of stages (pallas_kernels/gpu/mosaic.py), keyed "<stage>_mosaic",
-  with the same inputs as their Triton counterparts in `stage_calls`: timed beside them to
-  decide each stage's backend."""
+  on the inputs of their Triton counterparts in `calls` (what `stage_calls` returned; the two
+  take the same arguments): timed beside them to decide each stage's backend."""
+  import inspect
   from pallas_kernels.gpu import mosaic
-  from pallas_kernels.prism import kernel_inputs
-  (q, k, v, beta, g), do = make_inputs(B, T, H, D, L, seed, dtype)
-  G, seq, prev = kernel_inputs(g, None, B, T, CHUNK)
-  x = jnp.zeros((B, T, H, D), dtype)
-  h = jnp.zeros((B, H, T // CHUNK * D, D), dtype)
-  u, h0 = jnp.zeros((B, T, H, D), jnp.float32), jnp.zeros((B, H, D, D), jnp.float32)
-  call = lambda fn, **kw: jax.jit(lambda *a: fn(*a, chunk=CHUNK, interpret=interpret, **kw))
-  inv = jnp.zeros((B, T, H, CHUNK), dtype)
-  return {"apply_inverse_mosaic": (call(mosaic.apply_inverse), (k, v, beta, G, seq, prev, inv)),
-          "state_forward_mosaic": (call(mosaic.state_forward),
-                                   (k, v, beta, G, seq, prev, u, x, h0)),
-          "output_mosaic": (call(mosaic.output, scale=0.1), (q, k, v, beta, G, seq, prev, x, h)),
-          "local_dy_mosaic": (call(mosaic.local_dy, scale=0.1), (q, k, G, seq, prev, do)),
-          "state_backward_mosaic": (call(mosaic.state_backward, scale=0.1),
-                                    (q, k, G, seq, prev, x, do, u, h0))}
+  out = {}
+  for stage in mosaic.STAGES:
+    fn = getattr(mosaic, stage)
+    kw = dict(chunk=CHUNK, interpret=interpret)
+    if "scale" in inspect.signature(fn).parameters:
+      kw["scale"] = STAGE_SCALE
+    out[stage + "_mosaic"] = (jax.jit(functools.partial(fn, **kw)), calls[stage][1])
+  return out
 
 
 def _block_sizes(spec):
@@ -321,7 +317,7 @@ def stage_times(bs, shape, writes, solve=None, only=None):
            "solve": solve or "default"}
     calls = stage_calls(bs, B, T, H, D, L, solve=solve and getattr(cm, solve.upper()))
     if not only or any(name.endswith("_mosaic") for name in only):
-      calls.update(mosaic_calls(B, T, H, D, L))
+      calls.update(mosaic_calls(calls))
     for name, (fn, args) in calls.items():
       if only and name not in only:
         continue

@@ -129,7 +129,7 @@ def _run_kernels(q, k, v, beta, g, h0, segment_ids, *, scale, chunk, backend, in
 
 def gpu_block_sizes(chunk: int, interpret: bool):
   """GPU tiling: PRISM_GPU_BLOCKS (the format of `BlockSizes.parse`) overrides the default, for
-  tuning runs; PRISM_MOSAIC_STAGES ("state_forward,output,local_dy" or a part) runs those stages
+  tuning runs; PRISM_MOSAIC_STAGES (a comma list from `gpu.mosaic.STAGES`) runs those stages
   on their Mosaic GPU versions where they take the shapes. Interpret mode splits V and K into
   blocks of 16 (32 in the passes over chunks) so CPU tests cover the loops over column blocks
   and the key-block partial sums."""

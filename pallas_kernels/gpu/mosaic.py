@@ -106,14 +106,15 @@ def _cols(ref):
   return plgpu.load(ref, layout=_LAYOUT.reduce(0))
 
 
-def _causal_decay(G_row, G_col, seq_row, seq_col, C, query_rows):
-  """D on the causal same-sequence mask, 0 elsewhere, for a C × C tile whose rows are queries
-  (query_rows) or keys (the transposed tile)."""
+def _causal_decay(G_row, G_col, seq_row, seq_col, C, query_rows, strict=False):
+  """D on the causal same-sequence mask (less its diagonal if strict), 0 elsewhere, for a C × C
+  tile whose rows are queries (query_rows) or keys (the transposed tile)."""
   r = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=_LAYOUT)
   c = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_LAYOUT)
   on_rows = lambda x: lax.broadcast_in_dim(x, (C, C), [0])
   on_cols = lambda x: lax.broadcast_in_dim(x, (C, C), [1])
-  keep = ((r >= c) if query_rows else (c >= r)) & (on_rows(seq_row) == on_cols(seq_col))
+  later = (r - c) if query_rows else (c - r)
+  keep = ((later > 0) if strict else (later >= 0)) & (on_rows(seq_row) == on_cols(seq_col))
   expo = on_rows(G_row) - on_cols(G_col) if query_rows else on_cols(G_col) - on_rows(G_row)
   # The exponent is masked before exp: exp(−inf) = 0, never exp(+large) · 0.
   return jnp.exp(jnp.where(keep, expo, -jnp.inf))
@@ -147,6 +148,23 @@ def _prefetch_and_wait(more, fetch_next, bar, slot, per_chunk):
   pl.when(more)(fetch_next)
   for c in range(per_chunk):
     plgpu.barrier_wait(bar.at[slot * per_chunk + c])
+
+
+def _carry(state, gamma_last, pairs):
+  """A pass's [K, BV] float32 carry one chunk on: γ_C ⊙ state + Σ a @ b over (a, b) pairs
+  (accumulated on WGMMA); gamma_last: the chunk's γ_C repeated over the K rows, in shared
+  memory."""
+  K, BV = state.shape
+  return state * lax.broadcast_in_dim(_rows(gamma_last), (K, BV), [0]) + _products(pairs,
+                                                                                   (K, BV))
+
+
+def _pass(N, step, f32_smem, first, last, bar):
+  """Run `step` over the N chunks with the float32 carry read from `first` and written to
+  `last` (global [K, BV] blocks), both by TMA through f32_smem."""
+  _copy_in([(first, f32_smem)], bar)
+  _store(lax.fori_loop(0, N, step, f32_smem[...]), f32_smem, last)
+  plgpu.wait_smem_to_gmem(0)
 
 
 def _pass_gates(name, G, seq, prev, K, V, C, block_v):
@@ -314,10 +332,6 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
       assert len(copies) == per_chunk
       _start_copies(copies, bar, slot * per_chunk)
 
-    fetch(0, 0)
-    _copy_in([(h0_gmem.at[b, hd, :, cols], f32_smem)], bar0)
-    state = f32_smem[...]
-
     def step(n, state):
       slot = lax.rem(n, 2)
 
@@ -334,13 +348,11 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
         ey_smem[l] = (e * beta_l * y_smem[slot, l - 1].astype(jnp.float32)).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(x_smem, x_gmem.at[b, rows, hd, cols])
-      decayed = state * lax.broadcast_in_dim(_rows(gl_smem.at[slot]), (K, BV), [0])
-      return decayed + _products(
-          [(k_smem.at[slot, l].transpose((1, 0)), ey_smem.at[l]) for l in range(L)], (K, BV))
+      return _carry(state, gl_smem.at[slot],
+                    [(k_smem.at[slot, l].transpose((1, 0)), ey_smem.at[l]) for l in range(L)])
 
-    state = lax.fori_loop(0, N, step, state)
-    _store(state, f32_smem, hT_gmem.at[b, hd, :, cols])
-    plgpu.wait_smem_to_gmem(0)
+    fetch(0, 0)
+    _pass(N, step, f32_smem, h0_gmem.at[b, hd, :, cols], hT_gmem.at[b, hd, :, cols], bar0)
 
   return plgpu.kernel(
       body,
@@ -397,12 +409,8 @@ def apply_inverse(k, v, beta, G, seq, prev, inv, *, chunk=64, interpret=False):
     bk_smem[...] = (on_rows(b1 * gamma, K) * k_smem[0].astype(jnp.float32)).astype(dtype)
     r = on_rows(b1, V) * v_smem[0].astype(jnp.float32)
     if L > 1:
-      # strict(·) is the causal mask less its diagonal.
       decay = _causal_decay(G_row, _cols(vec_smem.at[1]), seq_row, _cols(vec_smem.at[3]), C,
-                            query_rows=True)
-      i = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=_LAYOUT)
-      j = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_LAYOUT)
-      decay = jnp.where(i > j, decay, 0.0)
+                            query_rows=True, strict=True)
       for l in range(1, L):
         m = _product(k_smem.at[0], k_smem.at[l].transpose((1, 0)), (C, C)) * decay
         m_smem[...] = (on_rows(b1, C) * m).astype(dtype)
@@ -473,10 +481,6 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, block_v=64
                 (gl_gmem.at[b, hd, n], gl_smem.at[slot])]
       _start_copies(copies, bar, slot * per_chunk)
 
-    fetch(N - 1, 0)
-    _copy_in([(dhT_gmem.at[b, hd, :, cols], f32_smem)], bar0)
-    dstate = f32_smem[...]
-
     def step(i, dstate):
       n, slot = N - 1 - i, lax.rem(i, 2)
 
@@ -492,13 +496,11 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, block_v=64
       gdo_smem[...] = (g * do_smem[slot].astype(jnp.float32)).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(dx_out, dx_gmem.at[b, rows, hd, cols])
-      decayed = dstate * lax.broadcast_in_dim(_rows(gl_smem.at[slot]), (K, BV), [0])
-      return decayed + _products([(q_smem.at[slot].transpose((1, 0)), gdo_smem),
-                                  (wk_smem.at[slot].transpose((1, 0)), ndx_smem)], (K, BV))
+      return _carry(dstate, gl_smem.at[slot], [(q_smem.at[slot].transpose((1, 0)), gdo_smem),
+                                               (wk_smem.at[slot].transpose((1, 0)), ndx_smem)])
 
-    dstate = lax.fori_loop(0, N, step, dstate)
-    _store(dstate, f32_smem, dh0_gmem.at[b, hd, :, cols])
-    plgpu.wait_smem_to_gmem(0)
+    fetch(N - 1, 0)
+    _pass(N, step, f32_smem, dhT_gmem.at[b, hd, :, cols], dh0_gmem.at[b, hd, :, cols], bar0)
 
   return plgpu.kernel(
       body,

@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.kernels import mosaic_calls  # noqa: E402
+from benchmarks.kernels import mosaic_calls, stage_calls  # noqa: E402
 from host_random import normal  # noqa: E402
 from pallas_kernels.gpu import mosaic  # noqa: E402
 from pallas_kernels.prism import kernel_inputs  # noqa: E402
@@ -123,7 +123,9 @@ def test_output_lowers_for_cuda():
 
 def test_benchmark_entry_points_run():
   # `kernels.py --stages` times these beside the Triton kernels on the GPU.
-  calls = mosaic_calls(1, 2 * C, 1, 64, 2, interpret=True)
+  from pallas_kernels.gpu.kernels import BlockSizes
+  bs = BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  calls = mosaic_calls(stage_calls(bs, 1, 2 * C, 1, 64, 2, interpret=True), interpret=True)
   assert set(calls) == {name + "_mosaic" for name in mosaic.STAGES}
   for name, (fn, args) in calls.items():
     for out in jax.tree.leaves(fn(*args)):
