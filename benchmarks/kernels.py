@@ -315,9 +315,14 @@ def stage_times(bs, shape, writes, solve=None, only=None):
     row = {"shape": f"B{B} T{T} H{H} K=V={D}", "L": L,
            "tiling": [getattr(bs, f) for f in bs.FIELDS], "warps": bs.kernel_warps,
            "solve": solve or "default"}
-    calls = stage_calls(bs, B, T, H, D, L, solve=solve and getattr(cm, solve.upper()))
+    solve_arg = solve and getattr(cm, solve.upper())
+    calls = stage_calls(bs, B, T, H, D, L, solve=solve_arg)
     if not only or any(name.endswith("_mosaic") for name in only):
       calls.update(mosaic_calls(calls))
+    for diag in ("rows", "doubling"):  # inverse_<diag>: either way of inverting the diagonal
+      if only and "inverse_" + diag in only:
+        calls["inverse_" + diag] = stage_calls(dataclasses.replace(bs, inverse_diag=diag),
+                                               B, T, H, D, L, solve=solve_arg)["inverse"]
     for name, (fn, args) in calls.items():
       if only and name not in only:
         continue
@@ -347,7 +352,8 @@ def main():
                       help=f"with --stages: precisions of the inverse to time, from {SOLVES}")
   parser.add_argument("--only", default=None,
                       help="with --stages: kernels to time, e.g. inverse,wy_grads "
-                           "(<kernel>_mosaic: its Mosaic GPU version, where one exists)")
+                           "(<kernel>_mosaic: its Mosaic GPU version, where one exists; "
+                           "inverse_rows, inverse_doubling: the inverse kernel each way)")
   parser.add_argument("--warps", default=None,
                       help='with --stages: per-kernel warps to time, e.g. '
                            '"prism_inverse=2;prism_inverse=8,prism_output=8"')

@@ -129,21 +129,22 @@ def _run_kernels(q, k, v, beta, g, h0, segment_ids, *, scale, chunk, backend, in
 
 def gpu_block_sizes(chunk: int, interpret: bool):
   """GPU tiling: PRISM_GPU_BLOCKS (the format of `BlockSizes.parse`) overrides the default, for
-  tuning runs; PRISM_MOSAIC_STAGES (a comma list from `gpu.mosaic.STAGES`) runs those stages
-  on their Mosaic GPU versions where they take the shapes. Interpret mode splits V and K into
-  blocks of 16 (32 in the passes over chunks) so CPU tests cover the loops over column blocks
-  and the key-block partial sums."""
+  tuning runs; PRISM_MOSAIC_STAGES (a comma list from `gpu.mosaic.STAGES`, or "none") replaces
+  the stages that run on their Mosaic GPU versions where they take the shapes. Interpret mode
+  splits V and K into blocks of 16 (32 in the passes over chunks) so CPU tests cover the loops
+  over column blocks and the key-block partial sums, and keeps every stage on the Triton kernels
+  unless PRISM_MOSAIC_STAGES names some (the Mosaic versions have their own interpret tests)."""
   from pallas_kernels.gpu.kernels import BlockSizes
   spec = os.environ.get("PRISM_GPU_BLOCKS")
   if spec:
     bs = BlockSizes.parse(spec, chunk)
   else:
-    bs = (BlockSizes(chunk=chunk, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
-          if interpret else BlockSizes(chunk=chunk))
+    bs = (BlockSizes(chunk=chunk, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16,
+                     mosaic=()) if interpret else BlockSizes(chunk=chunk))
   stages = os.environ.get("PRISM_MOSAIC_STAGES")
   if stages:
     from pallas_kernels.gpu.mosaic import STAGES
-    names = tuple(x.strip() for x in stages.split(",") if x.strip())
+    names = tuple(x.strip() for x in stages.split(",") if x.strip() not in ("", "none"))
     if not set(names) <= set(STAGES):
       raise ValueError(f"PRISM_MOSAIC_STAGES={stages!r}: unknown stage "
                        f"{sorted(set(names) - set(STAGES))}; Mosaic GPU stages are {STAGES}")

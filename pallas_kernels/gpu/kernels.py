@@ -48,8 +48,13 @@ class BlockSizes:
   seq_min_programs programs would share the GPU (`seq_tiling`); kernel_warps: ((kernel name,
   warps), ...) overriding the above (tuning runs); kernel_stages: the same for num_stages
   (`fitted` sets it); mosaic: stages to run on the Mosaic GPU versions of gpu/mosaic.py where
-  those take the shapes (none by default: not yet timed against the Triton kernels). The
-  defaults are the fastest measured on the H200 (RESULTS.md)."""
+  those take the shapes (the state pass only where `seq_tiling` keeps full-width blocks): the
+  ones measured faster than their Triton kernels on the H200 (B4 T4096 H16 K=V=128 L = 1: output
+  0.113 against 0.142 ms, local_dy 0.095 / 0.104, state_forward 0.155 / 0.169; apply_inverse and
+  state_backward were slower, 0.155 / 0.113 and 0.240 / 0.229). inverse_diag: how the inverse
+  kernel inverts its diagonal 16 × 16 blocks, "rows" (forward substitution, elementwise) or
+  "doubling" (`cm.unit_lower_inverse`). The defaults are the fastest measured on the H200
+  (RESULTS.md)."""
   chunk: int = 64
   block_v: int = 64
   num_warps: int = 4
@@ -64,7 +69,8 @@ class BlockSizes:
   chunk_block_v: int = 128
   kernel_warps: tuple = ()
   kernel_stages: tuple = ()
-  mosaic: tuple = ()
+  mosaic: tuple = ("state_forward", "output", "local_dy")
+  inverse_diag: str = "rows"
 
   FIELDS = ("block_v", "num_warps", "num_stages", "block_k", "grads_num_warps", "seq_block_v",
             "seq_num_warps", "inverse_num_warps", "seq_min_programs", "seq_narrow_warps",
@@ -97,6 +103,9 @@ class BlockSizes:
     return self
 
   def __post_init__(self):
+    if self.inverse_diag not in ("doubling", "rows"):
+      raise ValueError(f'BlockSizes.inverse_diag must be "doubling" or "rows", '
+                       f"got {self.inverse_diag!r}")
     for name in ("chunk", "block_v", "block_k", "seq_block_v", "chunk_block_v"):
       n = getattr(self, name)
       if n < 16 or n & (n - 1):
@@ -154,7 +163,7 @@ def pass_gates(G, seq, prev, C):
 SUB = 16  # rows of the sub-blocks the prepare kernel solves in (Triton's smallest dot)
 
 
-def _inverse_kernel(k1_ref, beta1_ref, G_ref, seq_ref, inv_ref, *, precision, solve):
+def _inverse_kernel(k1_ref, beta1_ref, G_ref, seq_ref, inv_ref, *, precision, solve, diag):
   """(I + A)⁻¹ of one chunk, in SUB × SUB blocks.
 
   A whole C × C inverse by block doubling spends log₂ C levels of C³ products on blocks that
@@ -183,7 +192,8 @@ def _inverse_kernel(k1_ref, beta1_ref, G_ref, seq_ref, inv_ref, *, precision, so
   blocks = {(i, j): a(i, j) for i in range(n) for j in range(i + 1)}
   inv = {}
   for i in range(n):
-    inv[i, i] = cm.unit_lower_inverse(blocks[i, i], solve)
+    inv[i, i] = (cm.unit_lower_inverse_rows(blocks[i, i]) if diag == "rows"
+                 else cm.unit_lower_inverse(blocks[i, i], solve))
     for j in range(i - 1, -1, -1):
       acc = sum(cm.mm(blocks[i, m], inv[m, j], solve) for m in range(j, i))
       inv[i, j] = -cm.mm(inv[i, i], acc, solve)
@@ -424,7 +434,8 @@ def inverse(k, beta, G, seq, *, bs: BlockSizes, precision, interpret, solve=cm.H
   C = bs.chunk
   at = lambda f: (lambda bh, n: f(bh // H, bh % H, n))
   return pl.pallas_call(
-      functools.partial(_inverse_kernel, precision=precision, solve=solve),
+      functools.partial(_inverse_kernel, precision=precision, solve=solve,
+                        diag=bs.inverse_diag),
       grid=(B * H, T // C),
       in_specs=[pl.BlockSpec((None, C, None, None, K), at(lambda b, h, n: (b, n, h, 0, 0))),
                 pl.BlockSpec((None, C, None, None), at(lambda b, h, n: (b, n, h, 0))),

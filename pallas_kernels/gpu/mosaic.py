@@ -1,9 +1,10 @@
-"""Mosaic GPU versions of GPU stages, to measure against the Triton-backend kernels.
+"""Mosaic GPU versions of GPU stages, each timed against its Triton-backend kernel.
 
 JAX 0.11 deprecates the Pallas Triton backend and recommends Mosaic GPU on Hopper. Which
 backend each stage uses is decided by timing both on the H200 (`benchmarks/kernels.py --stages`
-lists the Mosaic versions beside the Triton ones); until a Mosaic version is measured faster,
-the custom_vjp keeps the Triton kernels unless `PRISM_MOSAIC_STAGES` names the stage.
+lists the Mosaic versions beside the Triton ones): `BlockSizes.mosaic` names the stages whose
+Mosaic version was faster (output, local_dy and the state pass at full-width value blocks), and
+`PRISM_MOSAIC_STAGES` replaces that list for tuning runs.
 
 Five stages so far: the two passes over chunks, `state_forward` and `state_backward` (one
 program per value block and batch·head, the next chunk's operands loading while the current one

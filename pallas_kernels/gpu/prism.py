@@ -60,6 +60,10 @@ def _on_mosaic(bs, stage, q, k, v, do=None):
   arrays; otherwise the Triton kernel runs)."""
   if stage not in bs.mosaic:
     return False
+  if stage == "state_forward":  # its Mosaic version has no narrow tiling for few programs
+    B, H, V = q.shape[0], q.shape[2], v.shape[-1]
+    if kernels.seq_tiling(bs, B, H, V)[0] < min(bs.seq_block_v, V):
+      return False
   return mosaic.stage_reason(stage, q, k, v if do is None else do, bs.chunk) is None
 
 

@@ -152,6 +152,22 @@ def unit_lower_inverse(a, solve=HIGHEST):
   return inv
 
 
+def unit_lower_inverse_rows(a):
+  """(I + A)⁻¹ for strictly lower-triangular A [n, n] by forward substitution, one row at a
+  time: X_r = e_r − Σ_{m<r} A_rm X_m. Elementwise float32 only (no products, so IEEE float32 on
+  every backend); n − 2 steps of two n × n reductions, for the small diagonal blocks of a
+  kernel's inverse."""
+  n = a.shape[0]
+  rows, cols = _iota((n, n), 0), _iota((n, n), 1)
+  strict = -a  # rows 0 and 1 of X − I are already right
+  for r in range(2, n):
+    row = jnp.sum(jnp.where(rows == r, -a, 0.0), axis=0)  # −A_r·
+    row = jnp.where(cols[0] < r, row, 0.0)
+    row = row + jnp.sum(row[:, None] * strict, axis=0)  # −A_r· − Σ_m A_rm (X − I)_m·
+    strict = jnp.where(rows == r, row[None, :], strict)
+  return jnp.where(rows == cols, 1.0, strict)
+
+
 class Intra(NamedTuple):
   """Per-chunk quantities that do not depend on the incoming state."""
   inv: jax.Array  # (I + A)⁻¹: [C, C]

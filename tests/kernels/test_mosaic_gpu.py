@@ -190,6 +190,9 @@ def test_custom_vjp_with_the_mosaic_stages_matches_naive(monkeypatch):
   from kernel_checks import check_against_naive
   from pallas_kernels import pallas_prism
   monkeypatch.setenv("PRISM_MOSAIC_STAGES", ",".join(mosaic.STAGES))
+  # Interpret-mode blocks, but no narrowing of the passes over chunks for having few programs
+  # (seq_min_programs = 1): the Mosaic state pass takes only full-width value blocks.
+  monkeypatch.setenv("PRISM_GPU_BLOCKS", "16,4,3,16,4,32,8,2,1,4,16")
   case = (1, 150, 2, 64, 64, 2, C, True, True, jnp.bfloat16)  # T padded, segments, S₀
   check_against_naive(case, backend="gpu", interpret=True, seed=21)
   # The three stages ran on Mosaic GPU, not on their Triton kernels.
@@ -262,3 +265,22 @@ def test_state_backward_lowers_for_cuda():
   fn = jax.jit(lambda *a: mosaic.state_backward(*a, scale=0.1))
   assert "mosaic_gpu" in fn.trace(q, k, G, seq, prev, wk, do, local, dhT).lower(
       lowering_platforms=("cuda",)).as_text()
+
+
+def test_default_stages_follow_the_measurements():
+  """Compiled runs take output, local_dy and the full-width state pass on Mosaic GPU; the state
+  pass stays on Triton where `seq_tiling` narrows its blocks, and float32 inputs stay on Triton."""
+  from pallas_kernels.gpu import kernels as gk
+  from pallas_kernels.gpu.prism import _on_mosaic
+  bs = gk.BlockSizes()
+
+  def on(stage, B, H, dtype=jnp.bfloat16, T=4 * C, D=128, L=1):
+    q = jax.ShapeDtypeStruct((B, T, H, D), dtype)
+    k = jax.ShapeDtypeStruct((B, T, H, L, D), dtype)
+    return _on_mosaic(bs, stage, q, k, k)
+
+  assert on("output", 4, 16) and on("local_dy", 1, 16) and on("state_forward", 4, 16)
+  assert not on("state_forward", 1, 16)  # 32 programs of 64 columns: narrowed, Triton
+  assert not on("apply_inverse", 4, 16) and not on("state_backward", 4, 16)
+  assert not on("output", 4, 16, dtype=jnp.float32)
+  assert not on("state_forward", 4, 16, L=3)  # shared memory holds L ≤ 2

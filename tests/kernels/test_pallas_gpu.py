@@ -76,3 +76,35 @@ def test_float16_inputs_match_naive_to_the_float16_tolerance():
   # float16 tolerance of 2e-3).
   check_against_naive((1, 200, 2, 64, 64, 2, 64, True, True, jnp.float16), backend="gpu",
                       interpret=INTERPRET, seed=5)
+
+
+@pytest.mark.parametrize("diag", ["doubling", "rows"])
+def test_inverse_kernel_equals_the_float64_inverse(diag):
+  """Both ways of inverting the diagonal 16 × 16 blocks give every chunk's (I + A)⁻¹ to float32
+  accuracy, segment boundaries included (A = strict(β K¹K¹ᵀ ⊙ D), D zero across segments)."""
+  import numpy as np
+  from pallas_kernels.gpu import kernels as gk
+  from pallas_kernels.prism import kernel_inputs
+  from prism_jax.ops import chunk_math as cm
+  B, T, H, K, C = 2, 128, 2, 32, 64
+  rng = np.random.default_rng()
+  k = rng.normal(size=(B, T, H, 1, K)) / np.sqrt(K)
+  beta = rng.uniform(0.0, 2.0, (B, T, H, 1))
+  g = np.log(rng.uniform(0.8, 1.0, (B, T, H)))
+  segment_ids = np.cumsum(rng.uniform(size=(B, T)) < 0.03, axis=1)
+  G, seq, prev = kernel_inputs(jnp.asarray(g, jnp.float32), jnp.asarray(segment_ids), B, T, C)
+  bs = gk.BlockSizes(chunk=C, inverse_diag=diag)
+  inv = gk.inverse(jnp.asarray(k, jnp.float32), jnp.asarray(beta, jnp.float32), G, seq, bs=bs,
+                   precision=None, interpret=INTERPRET)
+  G, seq = np.asarray(G, np.float64), np.asarray(seq)
+  for b in range(B):
+    for h in range(H):
+      for n in range(T // C):
+        r = slice(n * C, (n + 1) * C)
+        kk = k[b, r, h, 0] @ k[b, r, h, 0].T
+        keep = np.tril(seq[b, r, None] == seq[b, None, r], -1)
+        decay = np.exp(np.where(keep, G[b, r, h, None] - G[b, None, r, h], -np.inf))
+        a = beta[b, r, h, 0, None] * kk * decay
+        want = np.linalg.inv(np.eye(C) + a)
+        got = np.asarray(inv[b, r, h], np.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * np.abs(want).max())
