@@ -162,7 +162,7 @@ def unit_lower_inverse_rows(a):
   strict = -a  # rows 0 and 1 of X − I are already right
   for r in range(2, n):
     row = jnp.sum(jnp.where(rows == r, -a, 0.0), axis=0)  # −A_r·
-    row = jnp.where(cols[0] < r, row, 0.0)
+    row = jnp.where(_iota((n,), 0) < r, row, 0.0)
     row = row + jnp.sum(row[:, None] * strict, axis=0)  # −A_r· − Σ_m A_rm (X − I)_m·
     strict = jnp.where(rows == r, row[None, :], strict)
   return jnp.where(rows == cols, 1.0, strict)
