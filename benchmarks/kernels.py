@@ -263,18 +263,23 @@ def _profile_fla(args, do, label, runs):
           flush=True)
 
 
-def mosaic_calls(calls, interpret=False):
+def mosaic_calls(calls, interpret=False, pass_block_v=64):
   """The Mosaic GPU versions of stages (pallas_kernels/gpu/mosaic.py), keyed "<stage>_mosaic",
   on the inputs of their Triton counterparts in `calls` (what `stage_calls` returned; the two
-  take the same arguments): timed beside them to decide each stage's backend."""
+  take the same arguments): timed beside them to decide each stage's backend. pass_block_v:
+  value columns per program of the passes over chunks (what `seq_tiling` gives the Triton
+  ones)."""
   import inspect
   from pallas_kernels.gpu import mosaic
   out = {}
   for stage in mosaic.STAGES:
     fn = getattr(mosaic, stage)
     kw = dict(chunk=CHUNK, interpret=interpret)
-    if "scale" in inspect.signature(fn).parameters:
+    params = inspect.signature(fn).parameters
+    if "scale" in params:
       kw["scale"] = STAGE_SCALE
+    if "block_v" in params:
+      kw["block_v"] = pass_block_v
     out[stage + "_mosaic"] = (jax.jit(functools.partial(fn, **kw)), calls[stage][1])
   return out
 
@@ -318,7 +323,8 @@ def stage_times(bs, shape, writes, solve=None, only=None):
     solve_arg = solve and getattr(cm, solve.upper())
     calls = stage_calls(bs, B, T, H, D, L, solve=solve_arg)
     if not only or any(name.endswith("_mosaic") for name in only):
-      calls.update(mosaic_calls(calls))
+      from pallas_kernels.gpu.kernels import seq_tiling
+      calls.update(mosaic_calls(calls, pass_block_v=seq_tiling(bs, B, H, D)[0]))
     for diag in ("rows", "doubling"):  # inverse_<diag>: either way of inverting the diagonal
       if only and "inverse_" + diag in only:
         calls["inverse_" + diag] = stage_calls(dataclasses.replace(bs, inverse_diag=diag),

@@ -48,7 +48,8 @@ class BlockSizes:
   seq_min_programs programs would share the GPU (`seq_tiling`); kernel_warps: ((kernel name,
   warps), ...) overriding the above (tuning runs); kernel_stages: the same for num_stages
   (`fitted` sets it); mosaic: stages to run on the Mosaic GPU versions of gpu/mosaic.py where
-  those take the shapes (the state pass only where `seq_tiling` keeps full-width blocks): the
+  those take the shapes (a pass over chunks only where `seq_tiling` keeps full-width blocks,
+  unless mosaic_narrow: its 32-column Mosaic version is not yet timed): the
   ones measured faster than their Triton kernels on the H200 (B4 T4096 H16 K=V=128 L = 1: output
   0.113 against 0.142 ms, local_dy 0.095 / 0.104, state_forward 0.155 / 0.169; apply_inverse and
   state_backward were slower, 0.155 / 0.113 and 0.240 / 0.229). inverse_diag: how the inverse
@@ -70,6 +71,7 @@ class BlockSizes:
   kernel_warps: tuple = ()
   kernel_stages: tuple = ()
   mosaic: tuple = ("state_forward", "output", "local_dy")
+  mosaic_narrow: bool = False
   inverse_diag: str = "rows"
 
   FIELDS = ("block_v", "num_warps", "num_stages", "block_k", "grads_num_warps", "seq_block_v",
@@ -573,19 +575,6 @@ def _grad_specs(L, C, K, V, BK, H):
       h_all=pl.BlockSpec((None, None, K, V), at(lambda b, h, n: (b, h, n, 0))),
       part=pl.BlockSpec((None, None, C, None), at(lambda b, h, n, i: (i, b, n, h))),
   )
-
-
-def grads(q, k, v, beta, G, seq, prev, inv, u, wk, x, h, dh, dx, local, do, *, scale,
-          bs: BlockSizes, precision, interpret):
-  """Cotangents dq [B,T,H,K] (q's dtype), L × dk (k's dtype), L × dv (v's dtype), L × dβ
-  (β's dtype), dG [B,T,H] float32: `state_grads`, then `wy_grads`. inv, u, wk, x, h: what the
-  forward saved; dh, dx: what `state_backward` returned; local: `local_dy`'s."""
-  kw = dict(bs=bs, precision=precision, interpret=interpret)
-  dq, dk_state, dxs, dG_state = state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do,
-                                            scale=scale, **kw)
-  dk, dv, dbeta, dG = wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local,
-                               dk_state, solve=precision, **kw)
-  return dq, dk, dv, dbeta, dG + dG_state
 
 
 def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, bs: BlockSizes,

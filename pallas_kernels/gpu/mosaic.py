@@ -4,14 +4,17 @@ JAX 0.11 deprecates the Pallas Triton backend and recommends Mosaic GPU on Hoppe
 backend each stage uses is decided by timing both on the H200 (`benchmarks/kernels.py --stages`
 lists the Mosaic versions beside the Triton ones): `BlockSizes.mosaic` names the stages whose
 Mosaic version was faster (output, local_dy and the state pass at full-width value blocks), and
-`PRISM_MOSAIC_STAGES` replaces that list for tuning runs.
+`PRISM_MOSAIC_STAGES` replaces that list for tuning runs. The 32-column passes
+(`BlockSizes.mosaic_narrow`) and `state_grads` have not been timed yet.
 
-Five stages so far: the two passes over chunks, `state_forward` and `state_backward` (one
-program per value block and batch·head, the next chunk's operands loading while the current one
-computes), and, one program per (chunk, batch·head) over the whole value width, `apply_inverse`
-(U and Wk), `output` (O = γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l) and `local_dy` (P^lᵀ dO =
-causal((Q K^lᵀ) ⊙ D)ᵀ dO of every write). The (I + A)⁻¹ kernel stays on Triton (its 16 × 16
-float32 blocks are below the 64-row WGMMA tile), and so, for now, do the two gradient kernels.
+Six stages so far: the two passes over chunks, `state_forward` and `state_backward` (one
+program per value block of 64 or 32 columns and batch·head, the next chunk's operands loading
+while the current one computes), and, one program per (chunk, batch·head) over the whole value
+width, `apply_inverse` (U and Wk), `output` (O = γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l),
+`local_dy` (P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO of every write) and `state_grads` (the state
+side of the gradients, per key block of 64 too). The (I + A)⁻¹ kernel stays on Triton (its
+16 × 16 float32 blocks are below the 64-row WGMMA tile, whose float32 operands are TF32), and
+so, for now, does the WY-side gradient kernel.
 Operands travel by TMA into swizzled shared memory and every product runs on the warpgroup
 tensor cores (WGMMA); the masked, decayed C × C scores are written back to shared memory in the
 16-bit input type for the second product (the rounding the Triton kernels apply too). The C × C
@@ -34,11 +37,13 @@ from pallas_kernels.gpu.kernels import pass_gates
 SWIZZLE = 128  # bytes: one 64-element bf16 row per swizzle atom
 
 
-def _operand_smem(shape, dtype):
-  """Shared memory a WGMMA operand can read: 8-row tiles of one swizzle atom's width."""
-  width = SWIZZLE // jnp.dtype(dtype).itemsize
+def _operand_smem(shape, dtype, swizzle=SWIZZLE):
+  """Shared memory a WGMMA operand can read: 8-row tiles of one swizzle atom's width. Both
+  operands of a product share one swizzle: 128 bytes, or 64 throughout a pass over 32-column
+  value blocks."""
+  width = swizzle // jnp.dtype(dtype).itemsize
   return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, width)),
-                                              plgpu.SwizzleTransform(SWIZZLE)))
+                                              plgpu.SwizzleTransform(swizzle)))
 
 
 def unsupported_reason(q, k, v, chunk) -> str | None:
@@ -55,11 +60,12 @@ def unsupported_reason(q, k, v, chunk) -> str | None:
   return None
 
 
-STAGES = ("apply_inverse", "state_forward", "output", "local_dy", "state_backward")
+STAGES = ("apply_inverse", "state_forward", "output", "local_dy", "state_backward",
+          "state_grads")
 # Writes whose per-chunk operands fit Hopper's 227 KB of shared memory per block (bf16 at
 # K = V = 128: apply_inverse about 180 KB and the double-buffered state pass about 210 KB at
 # L = 2).
-MAX_WRITES = {"apply_inverse": 2, "state_forward": 2}
+MAX_WRITES = {"apply_inverse": 2, "state_forward": 2, "state_grads": 2}
 
 
 def stage_reason(stage, q, k, v, chunk) -> str | None:
@@ -175,13 +181,20 @@ def _pass_gates(name, G, seq, prev, K, V, C, block_v):
   scales [B, H, N, K]."""
   B, T, H = G.shape
   BV, N = min(block_v, V), T // C
-  if BV % 64 or V % BV:
-    raise ValueError(f"mosaic.{name}: block_v {BV} must be a multiple of 64 dividing V")
+  if BV % 32 or V % BV:
+    raise ValueError(f"mosaic.{name}: block_v {BV} must be a multiple of 32 dividing V")
   gamma, to_end = pass_gates(G, seq, prev, C)  # [B, T, H] float32
   gamma_last = jnp.transpose(gamma.reshape(B, N, C, H)[:, :, -1], (0, 2, 1))  # [B, H, N]
   head_major = lambda x: jnp.transpose(x, (0, 2, 1))
   return (BV, N, head_major(gamma), head_major(to_end),
           jnp.broadcast_to(gamma_last[..., None], (B, H, N, K)))
+
+
+def _pass_operand(BV, dtype):
+  """The operand buffers of a pass over BV-column value blocks: 128-byte swizzle, or 64 bytes
+  for 32 columns, on every buffer (the two operands of a WGMMA share one swizzle)."""
+  swizzle = min(SWIZZLE, BV * jnp.dtype(dtype).itemsize)
+  return lambda shape: _operand_smem(shape, dtype, swizzle)
 
 
 def _interpret(interpret):
@@ -310,6 +323,7 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
   B, T, H, L, K = k.shape
   V, C, dtype = v.shape[-1], chunk, k.dtype
   BV, N, _, to_end, gamma_rows = _pass_gates("state_forward", G, seq, prev, K, V, C, block_v)
+  operand = _pass_operand(BV, dtype)
   beta_hm = jnp.transpose(beta.astype(jnp.float32), (0, 2, 3, 1))  # [B, H, L, T]
   per_chunk = 2 + 3 * L  # TMA copies per chunk: k^l, v^l and β^l (l ≥ 2), U, Wk, e, γ_C
 
@@ -360,13 +374,12 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
       out_type=[jax.ShapeDtypeStruct((B, H, N * K, V), dtype),
                 jax.ShapeDtypeStruct((B, T, H, V), dtype),
                 jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
-      scratch_types=[_operand_smem((2, L, C, K), dtype),
-                     _operand_smem((2, max(L - 1, 1), C, BV), dtype),
+      scratch_types=[operand((2, L, C, K)), operand((2, max(L - 1, 1), C, BV)),
                      plgpu.SMEM((2, max(L - 1, 1), C), jnp.float32),
                      plgpu.SMEM((2, C, BV), jnp.float32),
-                     _operand_smem((2, C, K), dtype), plgpu.SMEM((2, C), jnp.float32),
-                     plgpu.SMEM((2, K), jnp.float32), _operand_smem((K, BV), dtype),
-                     _operand_smem((L, C, BV), dtype), _operand_smem((C, BV), dtype),
+                     operand((2, C, K)), plgpu.SMEM((2, C), jnp.float32),
+                     plgpu.SMEM((2, K), jnp.float32), operand((K, BV)),
+                     operand((L, C, BV)), operand((C, BV)),
                      plgpu.SMEM((K, BV), jnp.float32),
                      plgpu.Barrier(num_barriers=2 * per_chunk), plgpu.Barrier(num_barriers=1)],
       grid=(V // BV, B * H), grid_names=("j", "bh"), interpret=_interpret(interpret),
@@ -457,6 +470,7 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, block_v=64
   BV, N, gamma, to_end, gamma_rows = _pass_gates("state_backward", G, seq, prev, K, V, C,
                                                  block_v)
   scaled_gamma = gamma * scale
+  operand = _pass_operand(BV, dtype)
   per_chunk = 8  # TMA copies per chunk: q, K¹, Wk, dO, P¹ᵀ dO, scale γ, e, γ_C
 
   def body(q_gmem, k_gmem, wk_gmem, do_gmem, local_gmem, g_gmem, e_gmem, gl_gmem, dhT_gmem,
@@ -508,13 +522,131 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, block_v=64
       out_type=[jax.ShapeDtypeStruct((B, H, N * K, V), dtype),
                 jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
                 jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
-      scratch_types=[_operand_smem((2, C, K), dtype), _operand_smem((2, C, K), dtype),
-                     _operand_smem((2, C, K), dtype), _operand_smem((2, C, BV), dtype),
+      scratch_types=[operand((2, C, K)), operand((2, C, K)), operand((2, C, K)),
+                     operand((2, C, BV)),
                      plgpu.SMEM((2, C, BV), jnp.float32), plgpu.SMEM((2, C), jnp.float32),
                      plgpu.SMEM((2, C), jnp.float32), plgpu.SMEM((2, K), jnp.float32),
-                     _operand_smem((K, BV), dtype), _operand_smem((C, BV), dtype),
-                     _operand_smem((C, BV), dtype), plgpu.SMEM((K, BV), jnp.float32),  # K ≥ C
+                     operand((K, BV)), operand((C, BV)), operand((C, BV)),
+                     plgpu.SMEM((K, BV), jnp.float32),  # K ≥ C
                      plgpu.Barrier(num_barriers=2 * per_chunk), plgpu.Barrier(num_barriers=1)],
       grid=(V // BV, B * H), grid_names=("j", "bh"), interpret=_interpret(interpret),
       kernel_name="prism_state_backward_mosaic",
   )(q, k, wk, do, local1, scaled_gamma, to_end, gamma_rows, dhT)
+
+
+def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, chunk=64,
+                interpret=False):
+  """The state side of the gradients, as `kernels.state_grads`: dq [B,T,H,K] in q's dtype, the
+  output/state terms of dK^l (L × [B,T,H,K] float32), dX Sᵀ [B,T,H,K] float32 and that part of
+  dG [B,T,H] float32. q [B,T,H,K], k [B,T,H,L,K], v [B,T,H,L,V], beta [B,T,H,L], x [B,T,H,V],
+  h and dh [B,H,N·K,V], do [B,T,H,V] (one 16-bit dtype); dx [B,T,H,V] float32; G [B,T,H]
+  float32, seq / prev [B,T] float32.
+
+  One program per (key block of 64, chunk, batch·head), the whole value width at once. With
+  Y¹ = X, Y^l = β^l ⊙ V^l and dP^l = causal(dO Y^lᵀ) ⊙ D, all on WGMMA:
+  dQ = Σ_l dP^l K^l + γ ⊙ dO Sᵀ, dK^l = dP^lᵀ Q + e ⊙ Y^l dS'ᵀ, dX Sᵀ, and the pieces of dG
+  as vectors — the row and column sums of Ψ = Σ_l dP^l ⊙ (Q K^lᵀ), de = Σ_l rowsum(K^l ⊙
+  Y^l dS'ᵀ), γ ⊙ rowsum(Q ⊙ dO Sᵀ) and the row sums of S ⊙ dS' — which XLA sums over key
+  blocks and combines (`cm.gate_grads`), so no vector changes register layout in the kernel.
+  """
+  _check("state_grads", q, k, do, chunk)
+  B, T, H, L, K = k.shape
+  V, C, dtype, N = do.shape[-1], chunk, q.dtype, T // chunk
+  BK, f32 = C, jnp.float32  # key blocks of 64 (= C)
+  gamma, to_end = pass_gates(G, seq, prev, C)  # [B, T, H]
+  head_major = lambda a: jnp.transpose(a.astype(f32), (0, 2, 1))
+  beta_hm = jnp.transpose(beta.astype(f32), (0, 2, 3, 1))  # [B, H, L, T]
+  PARTS = 5  # rowsum Ψ, de, γ ⊙ rowsum(Q ⊙ dO Sᵀ), rowsum(S ⊙ dS'), colsum Ψ
+
+  def body(q_gmem, k_gmem, v_gmem, beta_gmem, x_gmem, dx_gmem, G_gmem, seq_gmem, gamma_gmem,
+           e_gmem, h_gmem, dh_gmem, do_gmem, dq_gmem, *rest):
+    dk_gmem, (dxs_gmem, parts_gmem) = rest[:L], rest[L:L + 2]
+    (q_smem, qs_smem, k_smem, y_smem, do_smem, dxf_smem, dxb_smem, h_smem, dh_smem, dp_smem,
+     vec_smem, beta_smem, out_smem, dq_smem, part_smem, col_smem, bar) = rest[L + 2:]
+    kb, n, bh = lax.axis_index("kb"), lax.axis_index("n"), lax.axis_index("bh")
+    b, hd = bh // H, bh % H
+    rows, keys = pl.ds(n * C, C), pl.ds(kb * BK, BK)
+    state_rows = pl.ds(n * K + kb * BK, BK)
+    _copy_in([(q_gmem.at[b, rows, hd, keys], q_smem), (x_gmem.at[b, rows, hd], y_smem.at[0]),
+              (dx_gmem.at[b, rows, hd], dxf_smem), (do_gmem.at[b, rows, hd], do_smem),
+              (h_gmem.at[b, hd, state_rows], h_smem), (dh_gmem.at[b, hd, state_rows], dh_smem),
+              (G_gmem.at[b, hd, rows], vec_smem.at[0]), (G_gmem.at[b, hd, rows], vec_smem.at[1]),
+              (seq_gmem.at[b, rows], vec_smem.at[2]), (seq_gmem.at[b, rows], vec_smem.at[3]),
+              (gamma_gmem.at[b, hd, rows], vec_smem.at[4]),
+              (e_gmem.at[b, hd, rows], vec_smem.at[5])]
+             + [(k_gmem.at[b, rows, hd, l, keys], k_smem.at[l]) for l in range(L)]
+             + [(v_gmem.at[b, rows, hd, l], y_smem.at[l]) for l in range(1, L)]
+             + [(beta_gmem.at[b, hd, l, rows], beta_smem.at[l]) for l in range(1, L)], bar)
+    decay = _causal_decay(_rows(vec_smem.at[0]), _cols(vec_smem.at[1]), _rows(vec_smem.at[2]),
+                          _cols(vec_smem.at[3]), C, query_rows=True)
+    on_rows = lambda vec, width: lax.broadcast_in_dim(vec, (C, width), [0])
+    # The product operands: scale ⊙ Q, dX and Y^l = β^l ⊙ V^l rounded to the input type.
+    qs = q_smem[...].astype(f32) * scale
+    qs_smem[...] = qs.astype(dtype)
+    dxb_smem[...] = dxf_smem[...].astype(dtype)
+    for l in range(1, L):
+      y = y_smem[l].astype(f32) * on_rows(_rows(beta_smem.at[l]), V)
+      y_smem[l] = y.astype(dtype)
+    plgpu.commit_smem()  # the tensor cores read them through the async proxy
+    s_t = h_smem.transpose((1, 0))
+    dos = _product(do_smem, s_t, (C, BK))
+    _store(_product(dxb_smem, s_t, (C, BK)), out_smem, dxs_gmem.at[b, rows, hd, keys])
+    psi = de = None
+    for l in range(L):
+      dp = _product(do_smem, y_smem.at[l].transpose((1, 0)), (C, C)) * decay
+      dp_smem[l] = dp.astype(dtype)
+      plgpu.commit_smem()
+      yds = _product(y_smem.at[l], dh_smem.transpose((1, 0)), (C, BK))
+      psi_l = dp * _product(qs_smem, k_smem.at[l].transpose((1, 0)), (C, C))
+      de_l = jnp.sum(k_smem[l].astype(f32) * yds, axis=1)
+      psi, de = (psi_l, de_l) if l == 0 else (psi + psi_l, de + de_l)
+      dk = (_product(dp_smem.at[l].transpose((1, 0)), qs_smem, (C, BK))
+            + on_rows(_rows(vec_smem.at[5]), BK) * yds)
+      _store(dk, out_smem, dk_gmem[l].at[b, rows, hd, keys])
+    gamma_rows = _rows(vec_smem.at[4])
+    dq = (_products([(dp_smem.at[l], k_smem.at[l]) for l in range(L)], (C, BK))
+          + on_rows(gamma_rows, BK) * dos)
+    _store(dq * scale, dq_smem, dq_gmem.at[b, rows, hd, keys])
+    sds = jnp.sum(h_smem[...].astype(f32) * dh_smem[...].astype(f32), axis=1)
+    # One value per row of a WGMMA tile, and colsum Ψ (one per column) in a buffer of its own.
+    row_parts = (jnp.sum(psi, axis=1), de, gamma_rows * jnp.sum(qs * dos, axis=1), sds)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for i, part in enumerate(row_parts):
+      part_smem[i] = part
+    col_smem[...] = jnp.sum(psi, axis=0)
+    plgpu.commit_smem()
+    for i in range(len(row_parts)):
+      plgpu.copy_smem_to_gmem(part_smem.at[i], parts_gmem.at[kb, i, b, hd, rows])
+    plgpu.copy_smem_to_gmem(col_smem, parts_gmem.at[kb, len(row_parts), b, hd, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  KB = K // BK
+  out = plgpu.kernel(
+      body,
+      out_type=[jax.ShapeDtypeStruct((B, T, H, K), dtype)]
+      + [jax.ShapeDtypeStruct((B, T, H, K), f32)] * (L + 1)
+      + [jax.ShapeDtypeStruct((KB, PARTS, B, H, T), f32)],
+      scratch_types=[_operand_smem((C, BK), dtype), _operand_smem((C, BK), dtype),
+                     _operand_smem((L, C, BK), dtype), _operand_smem((L, C, V), dtype),
+                     _operand_smem((C, V), dtype), plgpu.SMEM((C, V), f32),
+                     _operand_smem((C, V), dtype), _operand_smem((BK, V), dtype),
+                     _operand_smem((BK, V), dtype), _operand_smem((L, C, C), dtype),
+                     plgpu.SMEM((6, C), f32), plgpu.SMEM((L, C), f32),
+                     plgpu.SMEM((C, BK), f32), _operand_smem((C, BK), dtype),
+                     plgpu.SMEM((PARTS - 1, C), f32), plgpu.SMEM((C,), f32),
+                     plgpu.Barrier(num_barriers=10 + 3 * L)],
+      grid=(KB, N, B * H), grid_names=("kb", "n", "bh"), interpret=_interpret(interpret),
+      kernel_name="prism_state_grads_mosaic",
+  )(q, k, v, beta_hm, x, dx, head_major(G), seq, head_major(gamma), head_major(to_end), h, dh,
+    do)
+  dq, dk, dxs, parts = out[0], list(out[1:L + 1]), out[L + 1], out[L + 2]
+  psi_rows, de, q_dos, sds, psi_cols = jnp.sum(parts, axis=0)  # each [B, H, T]
+  # cm.gate_grads on whole arrays: the G_C terms go to each chunk's last row.
+  per_chunk = lambda a: a.reshape(B, H, N, C)
+  gamma_last = per_chunk(head_major(gamma))[..., -1:]
+  last = (jnp.sum(per_chunk(de * head_major(to_end)), axis=-1, keepdims=True)
+          + gamma_last * jnp.sum(per_chunk(sds), axis=-1, keepdims=True))
+  is_last = jnp.arange(C) == C - 1
+  dG = psi_rows - psi_cols - de * head_major(to_end) + q_dos
+  dG = (per_chunk(dG) + jnp.where(is_last, last, 0.0)).reshape(B, H, T)
+  return dq, dk, dxs, jnp.transpose(dG, (0, 2, 1))

@@ -60,11 +60,20 @@ def _on_mosaic(bs, stage, q, k, v, do=None):
   arrays; otherwise the Triton kernel runs)."""
   if stage not in bs.mosaic:
     return False
-  if stage == "state_forward":  # its Mosaic version has no narrow tiling for few programs
-    B, H, V = q.shape[0], q.shape[2], v.shape[-1]
-    if kernels.seq_tiling(bs, B, H, V)[0] < min(bs.seq_block_v, V):
+  if stage in PASSES:
+    block_v = _pass_block_v(bs, q, v)
+    narrow = block_v < min(bs.seq_block_v, v.shape[-1])
+    if block_v % 32 or (narrow and not bs.mosaic_narrow):  # narrow: not yet timed
       return False
   return mosaic.stage_reason(stage, q, k, v if do is None else do, bs.chunk) is None
+
+
+PASSES = ("state_forward", "state_backward")
+
+
+def _pass_block_v(bs, q, v):
+  """Value columns per program of the passes over chunks, on either backend (`seq_tiling`)."""
+  return kernels.seq_tiling(bs, q.shape[0], q.shape[2], v.shape[-1])[0]
 
 
 def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
@@ -79,7 +88,7 @@ def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
     u, wk, inv = kernels.prepare(k, v, beta, G, seq, prev, store_dtype=store, **kw)
   if _on_mosaic(bs, "state_forward", q, k, v):
     h, x, hT = mosaic.state_forward(k, v, beta, G, seq, prev, u, wk, h0, chunk=bs.chunk,
-                                    interpret=interpret)
+                                    block_v=_pass_block_v(bs, q, v), interpret=interpret)
   else:
     h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, store_dtype=store,
                                      **kw)
@@ -109,13 +118,22 @@ def _bwd(scale, bs, interpret, res, cotangents):
   if _on_mosaic(bs, "state_backward", q, k, v, do):
     dh, dx, dh0 = mosaic.state_backward(q, k, G, seq, prev, wk, do, local[0],
                                         dhT.astype(jnp.float32), scale=scale, chunk=bs.chunk,
-                                        interpret=interpret)
+                                        block_v=_pass_block_v(bs, q, do), interpret=interpret)
   else:
     dh, dx, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, local[0],
                                          dhT.astype(jnp.float32),
                                          store_dtype=store_dtype(q.dtype), **kw)
-  dq, dk, dv, dbeta, dG = kernels.grads(q, k, v, beta, G, seq, prev, inv, u, wk, x, h, dh, dx,
-                                        local, do, **kw)
+  # The state side, then the WY side (which adds its terms of dK to the state side's).
+  grads_kw = {name: value for name, value in kw.items() if name != "scale"}
+  if _on_mosaic(bs, "state_grads", q, k, v, do):
+    state_grads = functools.partial(mosaic.state_grads, chunk=bs.chunk, interpret=interpret)
+  else:
+    state_grads = functools.partial(kernels.state_grads, **grads_kw)
+  dq, dk_state, dxs, dG_state = state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do,
+                                            scale=scale)
+  dk, dv, dbeta, dG = kernels.wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local,
+                                       dk_state, solve=grads_kw["precision"], **grads_kw)
+  dG = dG + dG_state
   return (dq, jnp.stack(dk, axis=3), jnp.stack(dv, axis=3), jnp.stack(dbeta, axis=3), dG,
           jnp.zeros_like(seq), jnp.zeros_like(prev), dh0)
 

@@ -2,6 +2,7 @@
 the definition, and the lowering for CUDA (Mosaic GPU's layout inference runs there, without a
 GPU)."""
 
+import dataclasses
 import os
 import sys
 
@@ -155,22 +156,23 @@ def _state_inputs(seed, B=1, H=2, K=64, V=128, L=2):
   return k, v, beta, G, seq, prev, u, wk, h0
 
 
-@pytest.mark.parametrize("L", [1, 2])
-def test_state_forward_matches_the_triton_kernel_in_interpret_mode(L):
+@pytest.mark.parametrize("L,block_v", [(1, 64), (2, 64), (2, 32)])
+def test_state_forward_matches_the_triton_kernel_in_interpret_mode(L, block_v):
   from pallas_kernels.gpu import kernels as gk
   from prism_jax.ops import chunk_math as cm
   args = _state_inputs(11 + L, L=L)
-  out = mosaic.state_forward(*args, interpret=True)
+  out = mosaic.state_forward(*args, block_v=block_v, interpret=True)
   bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
   ref = gk.state_forward(*args, bs=bs, precision=cm.BF16, interpret=True,
                          store_dtype=jnp.bfloat16)
   _assert_same(("h", "x", "final state"), out, ref)
 
 
-def test_state_forward_lowers_for_cuda():
+@pytest.mark.parametrize("block_v", [64, 32])
+def test_state_forward_lowers_for_cuda(block_v):
   pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
   args = _state_inputs(15, K=128, V=128, L=2)  # the largest it takes
-  fn = jax.jit(lambda *a: mosaic.state_forward(*a))
+  fn = jax.jit(lambda *a: mosaic.state_forward(*a, block_v=block_v))
   assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -243,7 +245,8 @@ def test_apply_inverse_lowers_for_cuda_and_names_its_write_limit():
                          inv, interpret=True)
 
 
-def test_state_backward_matches_the_triton_kernel_in_interpret_mode():
+@pytest.mark.parametrize("block_v", [64, 32])
+def test_state_backward_matches_the_triton_kernel_in_interpret_mode(block_v):
   from pallas_kernels.gpu import kernels as gk
   from prism_jax.ops import chunk_math as cm
   k, _, _, G, seq, prev, local, wk, dhT = _state_inputs(41, L=1)
@@ -251,18 +254,19 @@ def test_state_backward_matches_the_triton_kernel_in_interpret_mode():
   q = (0.2 * normal(42, (B, T, H, K))).astype(jnp.bfloat16)
   do = normal(43, (B, T, H, local.shape[-1]), jnp.bfloat16)
   args = (q, k, G, seq, prev, wk, do, local, dhT)
-  out = mosaic.state_backward(*args, scale=0.3, interpret=True)
+  out = mosaic.state_backward(*args, scale=0.3, block_v=block_v, interpret=True)
   bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
   ref = gk.state_backward(*args, scale=0.3, bs=bs, precision=cm.BF16, interpret=True,
                           store_dtype=jnp.bfloat16)
   _assert_same(("dh", "dX", "dS0"), out, ref)
 
 
-def test_state_backward_lowers_for_cuda():
+@pytest.mark.parametrize("block_v", [64, 32])
+def test_state_backward_lowers_for_cuda(block_v):
   pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
   k, _, _, G, seq, prev, local, wk, dhT = _state_inputs(45, K=128, V=128, L=2)
   q, do = wk, local.astype(jnp.bfloat16)
-  fn = jax.jit(lambda *a: mosaic.state_backward(*a, scale=0.1))
+  fn = jax.jit(lambda *a: mosaic.state_backward(*a, scale=0.1, block_v=block_v))
   assert "mosaic_gpu" in fn.trace(q, k, G, seq, prev, wk, do, local, dhT).lower(
       lowering_platforms=("cuda",)).as_text()
 
@@ -284,3 +288,42 @@ def test_default_stages_follow_the_measurements():
   assert not on("apply_inverse", 4, 16) and not on("state_backward", 4, 16)
   assert not on("output", 4, 16, dtype=jnp.float32)
   assert not on("state_forward", 4, 16, L=3)  # shared memory holds L ≤ 2
+  bs = dataclasses.replace(bs, mosaic_narrow=True, mosaic=("state_forward", "state_backward"))
+  assert on("state_forward", 1, 16) and on("state_backward", 1, 16)  # 32 columns on Mosaic
+
+
+def _grads_inputs(seed, L, K=64, V=128):
+  """Inputs of the state-side gradient kernel: the forward's saved X and states, and the
+  backward's dS' and dX, small and random; packed segments over three chunks."""
+  k, v, beta, G, seq, prev, dx, _, _ = _state_inputs(seed, K=K, V=V, L=L)
+  B, T, H = k.shape[:3]
+  q = (0.2 * normal(seed + 20, (B, T, H, K))).astype(jnp.bfloat16)
+  x = normal(seed + 21, (B, T, H, V), jnp.bfloat16)
+  h = (0.3 * normal(seed + 22, (B, H, T // C * K, V))).astype(jnp.bfloat16)
+  dh = (0.3 * normal(seed + 23, (B, H, T // C * K, V))).astype(jnp.bfloat16)
+  do = normal(seed + 24, (B, T, H, V), jnp.bfloat16)
+  return q, k, v, beta, G, seq, prev, x, h, dh, dx, do
+
+
+@pytest.mark.parametrize("L,K", [(1, 128), (2, 64)])
+def test_state_grads_matches_the_triton_kernel_in_interpret_mode(L, K):
+  from pallas_kernels.gpu import kernels as gk
+  from prism_jax.ops import chunk_math as cm
+  args = _grads_inputs(51 + L, L, K=K)
+  out = mosaic.state_grads(*args, scale=0.3, interpret=True)
+  bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  ref = gk.state_grads(*args, scale=0.3, bs=bs, precision=cm.BF16, interpret=True)
+  flat = lambda r: (r[0], *r[1], r[2], r[3])
+  names = ("dq", *(f"dk{l}" for l in range(L)), "dX S^T", "dG")
+  # dq is rounded to bf16 at the end; the rest are float32 sums of the same bf16 products.
+  for name, o, r in zip(names, flat(out), flat(ref), strict=True):
+    assert o.shape == r.shape and o.dtype == r.dtype, name
+    assert_close(name, np.asarray(r, np.float32), np.asarray(o, np.float32),
+                 tol=5e-3 if name == "dq" else 1e-4)
+
+
+def test_state_grads_lowers_for_cuda():
+  pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
+  args = _grads_inputs(55, 2, K=128)  # the largest it takes
+  fn = jax.jit(lambda *a: mosaic.state_grads(*a, scale=0.1))
+  assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
