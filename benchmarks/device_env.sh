@@ -59,6 +59,13 @@ job() {
       done; done; done; wait
       grep -h '^compile' "$LOG"/cc_*.txt; rm -f "$LOG"/cc_*.txt ;;
     stages) python3 -W ignore benchmarks/kernels.py --stages $extra ;;
+    # Every Mosaic GPU stage beside its Triton kernel, at B4 T4096 (L = 1, 2) and B1 T16384
+    # (L = 1, where the passes run 32-column blocks): what decides each stage's backend.
+    mosaic_stages)
+      local all=apply_inverse,state_forward,output,local_dy,state_backward,state_grads
+      local both=$(echo $all | sed 's/\([a-z_]*\)/\1,\1_mosaic/g')
+      python3 -W ignore benchmarks/kernels.py --stages --writes 1,2 --only $both $extra
+      python3 -W ignore benchmarks/kernels.py --stages --shape 2 --writes 1 --only $both $extra ;;
     # Device time of every kernel inside Pallas and fla fwd / fwd+bwd (profiler traces).
     profile) python3 -W ignore benchmarks/kernels.py --profile ${extra:---writes 1,2} ;;
     # Data parallel, FSDP and tensor parallel on every device of the machine.

@@ -6,9 +6,9 @@
 #   bash benchmarks/device_one.sh throughput "probing+kernel_tests+recsys" kernel_bench
 #   bash benchmarks/device_one.sh scaling "gpu_tests@0+kernel_tests@1"     (two GPUs)
 # Jobs (device_env.sh): throughput, probing, ablations, recsys, recsys_ablations, kernel_tests,
-# compile_matrix, stages, profile, kernel_bench, acceptance, gpu_tests, scaling. Each is killed at
-# LIMIT_<job> seconds (default 300) and keeps what it already printed; ARGS_<job> adds
-# arguments. Logs land in $OUT/results.tgz (+ jcache.tgz); carry .whl, .jcache and data_cache
+# compile_matrix, stages, mosaic_stages, profile, kernel_bench, acceptance, gpu_tests, scaling.
+# Each is killed at LIMIT_<job> seconds (default 300) and keeps what it already printed;
+# ARGS_<job> adds arguments. Logs land in $OUT/results.tgz (+ jcache.tgz); carry .whl, .jcache and data_cache
 # (MovieLens-100k from scripts/fetch_movielens.sh).
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
