@@ -62,7 +62,7 @@ job() {
     # Every Mosaic GPU stage beside its Triton kernel, at B4 T4096 (L = 1, 2) and B1 T16384
     # (L = 1, where the passes run 32-column blocks): what decides each stage's backend.
     mosaic_stages)
-      local all=apply_inverse,state_forward,output,local_dy,state_backward,state_grads
+      local all=apply_inverse,state_forward,output,local_dy,state_backward,state_grads,wy_grads
       local both=$(echo $all | sed 's/\([a-z_]*\)/\1,\1_mosaic/g')
       python3 -W ignore benchmarks/kernels.py --stages --writes 1,2 --only $both $extra
       python3 -W ignore benchmarks/kernels.py --stages --shape 2 --writes 1 --only $both $extra ;;

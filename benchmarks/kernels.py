@@ -272,7 +272,10 @@ def mosaic_calls(calls, interpret=False, pass_block_v=64):
   import inspect
   from pallas_kernels.gpu import mosaic
   out = {}
+  L = calls["inverse"][1][0].shape[3]  # the keys [B, T, H, L, K] of the inverse kernel
   for stage in mosaic.STAGES:
+    if L > mosaic.MAX_WRITES.get(stage, L):
+      continue  # more writes than its shared memory holds
     fn = getattr(mosaic, stage)
     kw = dict(chunk=CHUNK, interpret=interpret)
     params = inspect.signature(fn).parameters

@@ -5,16 +5,16 @@ backend each stage uses is decided by timing both on the H200 (`benchmarks/kerne
 lists the Mosaic versions beside the Triton ones): `BlockSizes.mosaic` names the stages whose
 Mosaic version was faster (output, local_dy and the state pass at full-width value blocks), and
 `PRISM_MOSAIC_STAGES` replaces that list for tuning runs. The 32-column passes
-(`BlockSizes.mosaic_narrow`) and `state_grads` have not been timed yet.
+(`BlockSizes.mosaic_narrow`) and the two gradient kernels have not been timed yet.
 
-Six stages so far: the two passes over chunks, `state_forward` and `state_backward` (one
-program per value block of 64 or 32 columns and batch·head, the next chunk's operands loading
-while the current one computes), and, one program per (chunk, batch·head) over the whole value
-width, `apply_inverse` (U and Wk), `output` (O = γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l),
-`local_dy` (P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO of every write) and `state_grads` (the state
-side of the gradients, per key block of 64 too). The (I + A)⁻¹ kernel stays on Triton (its
-16 × 16 float32 blocks are below the 64-row WGMMA tile, whose float32 operands are TF32), and
-so, for now, does the WY-side gradient kernel.
+Seven stages: the two passes over chunks, `state_forward` and `state_backward` (one program per
+value block of 64 or 32 columns and batch·head, the next chunk's operands loading while the
+current one computes), and, one program per (chunk, batch·head) over the whole value width,
+`apply_inverse` (U and Wk), `output` (O = γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l), `local_dy`
+(P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO of every write), `state_grads` (the state side of the
+gradients, per key block of 64 too) and `wy_grads` (the WY side, L = 1 and K = V only). Only the
+(I + A)⁻¹ kernel has no Mosaic version: its 16 × 16 float32 blocks are below the 64-row WGMMA
+tile, whose float32 operands are TF32.
 Operands travel by TMA into swizzled shared memory and every product runs on the warpgroup
 tensor cores (WGMMA); the masked, decayed C × C scores are written back to shared memory in the
 16-bit input type for the second product (the rounding the Triton kernels apply too). The C × C
@@ -61,11 +61,11 @@ def unsupported_reason(q, k, v, chunk) -> str | None:
 
 
 STAGES = ("apply_inverse", "state_forward", "output", "local_dy", "state_backward",
-          "state_grads")
+          "state_grads", "wy_grads")
 # Writes whose per-chunk operands fit Hopper's 227 KB of shared memory per block (bf16 at
 # K = V = 128: apply_inverse about 180 KB and the double-buffered state pass about 210 KB at
 # L = 2).
-MAX_WRITES = {"apply_inverse": 2, "state_forward": 2, "state_grads": 2}
+MAX_WRITES = {"apply_inverse": 2, "state_forward": 2, "state_grads": 2, "wy_grads": 1}
 
 
 def stage_reason(stage, q, k, v, chunk) -> str | None:
@@ -76,6 +76,8 @@ def stage_reason(stage, q, k, v, chunk) -> str | None:
   reason = unsupported_reason(q, k, v, chunk)
   if reason is None and k.shape[3] > MAX_WRITES.get(stage, k.shape[3]):
     return f"L = {k.shape[3]} (shared memory holds the operands up to L = {MAX_WRITES[stage]})"
+  if reason is None and stage == "wy_grads" and q.shape[-1] != v.shape[-1]:
+    return f"K = {q.shape[-1]} ≠ V = {v.shape[-1]} (its staging buffers take either)"
   return reason
 
 
@@ -113,9 +115,11 @@ def _cols(ref):
   return plgpu.load(ref, layout=_LAYOUT.reduce(0))
 
 
-def _causal_decay(G_row, G_col, seq_row, seq_col, C, query_rows, strict=False):
+def _causal_decay(G_row, G_col, seq_row, seq_col, C, query_rows, strict=False,
+                  with_mask=False):
   """D on the causal same-sequence mask (less its diagonal if strict), 0 elsewhere, for a C × C
-  tile whose rows are queries (query_rows) or keys (the transposed tile)."""
+  tile whose rows are queries (query_rows) or keys (the transposed tile); with_mask: also the
+  mask."""
   r = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=_LAYOUT)
   c = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_LAYOUT)
   on_rows = lambda x: lax.broadcast_in_dim(x, (C, C), [0])
@@ -124,7 +128,8 @@ def _causal_decay(G_row, G_col, seq_row, seq_col, C, query_rows, strict=False):
   keep = ((later > 0) if strict else (later >= 0)) & (on_rows(seq_row) == on_cols(seq_col))
   expo = on_rows(G_row) - on_cols(G_col) if query_rows else on_cols(G_col) - on_rows(G_row)
   # The exponent is masked before exp: exp(−inf) = 0, never exp(+large) · 0.
-  return jnp.exp(jnp.where(keep, expo, -jnp.inf))
+  decay = jnp.exp(jnp.where(keep, expo, -jnp.inf))
+  return (decay, keep) if with_mask else decay
 
 
 def _product(a, b, shape):
@@ -650,3 +655,108 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, chunk=6
   dG = psi_rows - psi_cols - de * head_major(to_end) + q_dos
   dG = (per_chunk(dG) + jnp.where(is_last, last, 0.0)).reshape(B, H, T)
   return dq, dk, dxs, jnp.transpose(dG, (0, 2, 1))
+
+
+
+def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state, *, chunk=64,
+             interpret=False):
+  """The WY side of the gradients at L = 1 and K = V, as `kernels.wy_grads`: [dK] (k's dtype,
+  the state side's dk_state added), [dV] (v's dtype), [dβ] (β's dtype) and the rest of dG
+  [B,T,H] float32. k [B,T,H,1,K], v [B,T,H,1,V], beta [B,T,H,1], inv [B,T,H,C], wk [B,T,H,K]
+  (one 16-bit dtype); u, dx [B,T,H,V], dxs and dk_state[0] [B,T,H,K] float32 (dh and local,
+  read only for further writes, are unused).
+
+  One program per (chunk, batch·head), whole key and value widths. With T = (I + A)⁻¹ and every
+  product on WGMMA with 16-bit operands (the roundings of the Triton kernel): dR = Tᵀ dX,
+  dBk = −Tᵀ (dX Sᵀ), dA = −strict(dR Uᵀ + dBk Wkᵀ); then dV = β ⊙ dR,
+  dK = dk_state + (β ⊙ dA ⊙ D) K + (β ⊙ dA ⊙ D)ᵀ K + βγ ⊙ dBk, dβ, and the row and column sums
+  of Ψ = β ⊙ dA ⊙ A_raw, which XLA turns into dG (as in `state_grads`). U, dX, dX Sᵀ and
+  dk_state arrive in float32 through two staging buffers, the second pair loading while dR and
+  dR Uᵀ compute.
+  """
+  del dh, local
+  _check("wy_grads", k[:, :, :, 0], k, v, chunk)
+  B, T, H, L, K = k.shape
+  V, C, dtype, N, f32 = v.shape[-1], chunk, k.dtype, T // chunk, jnp.float32
+  gamma, _ = pass_gates(G, seq, prev, C)  # [B, T, H]
+  head_major = lambda a: jnp.transpose(a.astype(f32), (0, 2, 1))
+  beta_hm = jnp.transpose(beta.astype(f32), (0, 2, 3, 1))  # [B, H, 1, T]
+
+  def body(k_gmem, v_gmem, beta_gmem, G_gmem, seq_gmem, gamma_gmem, inv_gmem, u_gmem, wk_gmem,
+           dx_gmem, dxs_gmem, dks_gmem, dk_gmem, dv_gmem, parts_gmem,
+           k_smem, v_smem, inv_smem, wk_smem, stage_smem, u_smem, dx_smem, dr_smem, dbk_smem,
+           dkd_smem, vec_smem, part_smem, col_smem, bar, bar2):
+    n, bh = lax.axis_index("n"), lax.axis_index("bh")
+    b, hd = bh // H, bh % H
+    rows = pl.ds(n * C, C)
+    _copy_in([(k_gmem.at[b, rows, hd, 0], k_smem), (v_gmem.at[b, rows, hd, 0], v_smem),
+              (inv_gmem.at[b, rows, hd], inv_smem), (wk_gmem.at[b, rows, hd], wk_smem),
+              (u_gmem.at[b, rows, hd], stage_smem.at[0]),
+              (dx_gmem.at[b, rows, hd], stage_smem.at[1]),
+              (beta_gmem.at[b, hd, 0, rows], vec_smem.at[0]),
+              (G_gmem.at[b, hd, rows], vec_smem.at[1]), (G_gmem.at[b, hd, rows], vec_smem.at[2]),
+              (seq_gmem.at[b, rows], vec_smem.at[3]), (seq_gmem.at[b, rows], vec_smem.at[4]),
+              (gamma_gmem.at[b, hd, rows], vec_smem.at[5])], bar)
+    u_smem[...] = stage_smem[0].astype(dtype)
+    dx_smem[...] = stage_smem[1].astype(dtype)
+    plgpu.commit_smem()  # a warpgroup barrier too: the staging buffers can be refilled
+    _start_copies([(dxs_gmem.at[b, rows, hd], stage_smem.at[0]),
+                   (dks_gmem.at[b, rows, hd], stage_smem.at[1])], bar2)
+    on_rows = lambda vec, width: lax.broadcast_in_dim(vec, (C, width), [0])
+    b1, gamma_rows = _rows(vec_smem.at[0]), _rows(vec_smem.at[5])
+    decay, strict = _causal_decay(_rows(vec_smem.at[1]), _cols(vec_smem.at[2]),
+                                  _rows(vec_smem.at[3]), _cols(vec_smem.at[4]), C,
+                                  query_rows=True, strict=True, with_mask=True)
+    inv_t = inv_smem.transpose((1, 0))
+    dr = _product(inv_t, dx_smem, (C, V))  # dR = Tᵀ dX
+    dr_smem[...] = dr.astype(dtype)
+    plgpu.commit_smem()
+    gram = _product(dr_smem, u_smem.transpose((1, 0)), (C, C))  # dR Uᵀ
+    _store(on_rows(b1, V) * dr, u_smem, dv_gmem.at[b, rows, hd])
+    dbeta = jnp.sum(dr * v_smem[...].astype(f32), axis=1)
+    plgpu.barrier_wait(bar2.at[0])
+    dx_smem[...] = stage_smem[0].astype(dtype)  # dX Sᵀ, in the buffer dX has left
+    plgpu.commit_smem()
+    dbk = -_product(inv_t, dx_smem, (C, K))  # dBk = −Tᵀ (dX Sᵀ)
+    dbk_smem[...] = dbk.astype(dtype)
+    plgpu.commit_smem()
+    gram = gram + _product(dbk_smem, wk_smem.transpose((1, 0)), (C, C))
+    sbk = jnp.sum(dbk * k_smem[...].astype(f32), axis=1)
+    raw = _product(k_smem, k_smem.transpose((1, 0)), (C, C)) * decay  # strict(K Kᵀ ⊙ D)
+    da = jnp.where(strict, -gram, 0.0)
+    dbeta = dbeta + jnp.sum(da * raw, axis=1) + gamma_rows * sbk
+    psi = on_rows(b1, C) * da * raw
+    dkd_smem[...] = (on_rows(b1, C) * da * decay).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.barrier_wait(bar2.at[1])
+    dk = (stage_smem[1] + on_rows(b1 * gamma_rows, K) * dbk
+          + _products([(dkd_smem, k_smem), (dkd_smem.transpose((1, 0)), k_smem)], (C, K)))
+    _store(dk, dbk_smem, dk_gmem.at[b, rows, hd])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    part_smem[0] = dbeta
+    part_smem[1] = jnp.sum(psi, axis=1) + b1 * sbk * gamma_rows
+    col_smem[...] = jnp.sum(psi, axis=0)
+    plgpu.commit_smem()
+    for i in range(2):
+      plgpu.copy_smem_to_gmem(part_smem.at[i], parts_gmem.at[i, b, hd, rows])
+    plgpu.copy_smem_to_gmem(col_smem, parts_gmem.at[2, b, hd, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  dk, dv, parts = plgpu.kernel(
+      body,
+      out_type=[jax.ShapeDtypeStruct((B, T, H, K), dtype),
+                jax.ShapeDtypeStruct((B, T, H, V), v.dtype),
+                jax.ShapeDtypeStruct((3, B, H, T), f32)],
+      scratch_types=[_operand_smem((C, K), dtype), _operand_smem((C, V), dtype),
+                     _operand_smem((C, C), dtype), _operand_smem((C, K), dtype),
+                     plgpu.SMEM((2, C, K), f32), _operand_smem((C, V), dtype),
+                     _operand_smem((C, V), dtype), _operand_smem((C, V), dtype),
+                     _operand_smem((C, K), dtype), _operand_smem((C, C), dtype),
+                     plgpu.SMEM((6, C), f32), plgpu.SMEM((2, C), f32), plgpu.SMEM((C,), f32),
+                     plgpu.Barrier(num_barriers=12), plgpu.Barrier(num_barriers=2)],
+      grid=(N, B * H), grid_names=("n", "bh"), interpret=_interpret(interpret),
+      kernel_name="prism_wy_grads_mosaic",
+  )(k, v, beta_hm, head_major(G), seq, head_major(gamma), inv, u, wk, dx, dxs, dk_state[0])
+  to_bth = lambda a: jnp.transpose(a, (0, 2, 1))
+  dbeta = to_bth(parts[0]).astype(beta.dtype)
+  return [dk], [dv], [dbeta], to_bth(parts[1] - parts[2])

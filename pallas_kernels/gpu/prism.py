@@ -131,8 +131,11 @@ def _bwd(scale, bs, interpret, res, cotangents):
     state_grads = functools.partial(kernels.state_grads, **grads_kw)
   dq, dk_state, dxs, dG_state = state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do,
                                             scale=scale)
-  dk, dv, dbeta, dG = kernels.wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local,
-                                       dk_state, solve=grads_kw["precision"], **grads_kw)
+  wy_args = (k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state)
+  if _on_mosaic(bs, "wy_grads", q, k, v, do):
+    dk, dv, dbeta, dG = mosaic.wy_grads(*wy_args, chunk=bs.chunk, interpret=interpret)
+  else:
+    dk, dv, dbeta, dG = kernels.wy_grads(*wy_args, solve=grads_kw["precision"], **grads_kw)
   dG = dG + dG_state
   return (dq, jnp.stack(dk, axis=3), jnp.stack(dv, axis=3), jnp.stack(dbeta, axis=3), dG,
           jnp.zeros_like(seq), jnp.zeros_like(prev), dh0)

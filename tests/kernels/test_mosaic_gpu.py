@@ -127,7 +127,10 @@ def test_benchmark_entry_points_run():
   from pallas_kernels.gpu.kernels import BlockSizes
   bs = BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
   calls = mosaic_calls(stage_calls(bs, 1, 2 * C, 1, 64, 2, interpret=True), interpret=True)
-  assert set(calls) == {name + "_mosaic" for name in mosaic.STAGES}
+  assert set(calls) == {name + "_mosaic" for name in mosaic.STAGES if name != "wy_grads"}
+  calls.update(mosaic_calls(stage_calls(bs, 1, 2 * C, 1, 64, 1, interpret=True),
+                            interpret=True))
+  assert set(calls) == {name + "_mosaic" for name in mosaic.STAGES}  # wy_grads: L = 1 only
   for name, (fn, args) in calls.items():
     for out in jax.tree.leaves(fn(*args)):
       assert np.all(np.isfinite(np.asarray(out, np.float32))), name
@@ -188,26 +191,29 @@ def _primitive_names(jaxpr):
   return names
 
 
-def test_custom_vjp_with_the_mosaic_stages_matches_naive(monkeypatch):
+@pytest.mark.parametrize("L", [1, 2])
+def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, monkeypatch):
   from kernel_checks import check_against_naive
   from pallas_kernels import pallas_prism
   monkeypatch.setenv("PRISM_MOSAIC_STAGES", ",".join(mosaic.STAGES))
   # Interpret-mode blocks, but no narrowing of the passes over chunks for having few programs
-  # (seq_min_programs = 1): the Mosaic state pass takes only full-width value blocks.
+  # (seq_min_programs = 1), so the Mosaic passes run at 32 columns as the Triton ones would.
   monkeypatch.setenv("PRISM_GPU_BLOCKS", "16,4,3,16,4,32,8,2,1,4,16")
-  case = (1, 150, 2, 64, 64, 2, C, True, True, jnp.bfloat16)  # T padded, segments, S₀
-  check_against_naive(case, backend="gpu", interpret=True, seed=21)
-  # The three stages ran on Mosaic GPU, not on their Triton kernels.
+  case = (1, 150, 2, 64, 64, L, C, True, True, jnp.bfloat16)  # T padded, segments, S₀
+  check_against_naive(case, backend="gpu", interpret=True, seed=21 + L)
+  # Every stage ran on Mosaic GPU (at L = 2 the WY side stays on Triton), the inverse on Triton.
   q = jnp.zeros((1, C, 1, 64), jnp.bfloat16)
-  k, v = jnp.zeros((1, C, 1, 2, 64), jnp.bfloat16), jnp.zeros((1, C, 1, 2, 64), jnp.bfloat16)
-  beta, g = jnp.ones((1, C, 1, 2), jnp.bfloat16), jnp.zeros((1, C, 1))
+  k, v = jnp.zeros((1, C, 1, L, 64), jnp.bfloat16), jnp.zeros((1, C, 1, L, 64), jnp.bfloat16)
+  beta, g = jnp.ones((1, C, 1, L), jnp.bfloat16), jnp.zeros((1, C, 1))
   loss = lambda *a: pallas_prism(*a, chunk_size=C, interpret=True, backend="gpu")[0].astype(
       jnp.float32).sum()
-  names = _primitive_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, k, v, beta,
-                                                                          g).jaxpr)
-  stages = {"prism_" + name for name in mosaic.STAGES}
-  assert not stages & set(names), names
-  assert {name + "_mosaic" for name in stages} | {"prism_inverse"} <= set(names), names
+  names = set(_primitive_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, k, v, beta,
+                                                                              g).jaxpr))
+  on_mosaic = {"prism_" + name for name in mosaic.STAGES
+               if L <= mosaic.MAX_WRITES.get(name, L)}
+  assert not on_mosaic & names, names
+  assert {name + "_mosaic" for name in on_mosaic} | {"prism_inverse"} <= names, names
+  assert L == 1 or "prism_wy_grads" in names
 
 
 def test_unknown_mosaic_stage_is_named(monkeypatch):
@@ -327,3 +333,40 @@ def test_state_grads_lowers_for_cuda():
   args = _grads_inputs(55, 2, K=128)  # the largest it takes
   fn = jax.jit(lambda *a: mosaic.state_grads(*a, scale=0.1))
   assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("K", [64, 128])
+def test_wy_grads_matches_the_triton_kernel_in_interpret_mode(K):
+  from pallas_kernels.gpu import kernels as gk
+  from prism_jax.ops import chunk_math as cm
+  k, v, beta, G, seq, prev, u, wk, _ = _state_inputs(61 + K, K=K, V=K, L=1)
+  B, T, H = k.shape[:3]
+  inv = (0.3 * normal(62, (B, T, H, C))).astype(jnp.bfloat16)
+  dx, dxs, dk_state = (normal(63 + i, (B, T, H, K)) for i in range(3))
+  dh = jnp.zeros((B, H, T // C * K, K), jnp.bfloat16)  # read only for further writes
+  args = (k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, [dx], [dk_state])
+  out = mosaic.wy_grads(*args, interpret=True)
+  bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  ref = gk.wy_grads(*args, bs=bs, precision=cm.BF16, solve=cm.BF16, interpret=True)
+  for name, o, r in zip(("dk", "dv", "dbeta", "dG"), (out[0][0], out[1][0], out[2][0], out[3]),
+                        (ref[0][0], ref[1][0], ref[2][0], ref[3]), strict=True):
+    assert o.shape == r.shape and o.dtype == r.dtype, name
+    # dk, dv and dβ are rounded to bf16 at the end. dG is a float32 sum, but of products whose
+    # operands dR and dBk were rounded to bf16 after sums in another order: one element landing
+    # on the other side of a rounding boundary moves a whole row of dA, and dG with it (seen:
+    # 1.9e-4 at K = 64, every difference from one element of one chunk and head; against a
+    # float64 evaluation of the same roundings both kernels are equally close). So the bf16
+    # tolerance for all four.
+    assert_close(name, np.asarray(r, np.float32), np.asarray(o, np.float32), tol=5e-3)
+
+
+def test_wy_grads_lowers_for_cuda_and_takes_only_one_write():
+  pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
+  k, v, beta, G, seq, prev, u, wk, _ = _state_inputs(66, K=128, V=128, L=1)
+  B, T, H = k.shape[:3]
+  f32 = jnp.zeros((B, T, H, 128))
+  inv = jnp.zeros((B, T, H, C), jnp.bfloat16)
+  fn = jax.jit(lambda *a: mosaic.wy_grads(*a, None, [f32], [f32]))
+  assert "mosaic_gpu" in fn.trace(k, v, beta, G, seq, prev, inv, u, wk, f32, f32).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "L = 2" in mosaic.stage_reason("wy_grads", wk, jnp.concatenate([k, k], axis=3), v, C)
