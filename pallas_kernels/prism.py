@@ -129,8 +129,9 @@ def _run_kernels(q, k, v, beta, g, h0, segment_ids, *, scale, chunk, backend, in
 
 def gpu_block_sizes(chunk: int, interpret: bool):
   """GPU tiling: PRISM_GPU_BLOCKS (the format of `BlockSizes.parse`) overrides the default, for
-  tuning runs; PRISM_MOSAIC_STAGES (a comma list from `gpu.mosaic.STAGES`, or "none") replaces
-  the stages that run on their Mosaic GPU versions where they take the shapes. Interpret mode
+  tuning runs; PRISM_MOSAIC_STAGES (a comma list from `gpu.mosaic.STAGES`, "all" or "none";
+  adding "narrow" sets `BlockSizes.mosaic_narrow`) replaces the stages that run on their Mosaic
+  GPU versions where they take the shapes. Interpret mode
   splits V and K into blocks of 16 (32 in the passes over chunks) so CPU tests cover the loops
   over column blocks and the key-block partial sums, and keeps every stage on the Triton kernels
   unless PRISM_MOSAIC_STAGES names some (the Mosaic versions have their own interpret tests)."""
@@ -144,11 +145,13 @@ def gpu_block_sizes(chunk: int, interpret: bool):
   stages = os.environ.get("PRISM_MOSAIC_STAGES")
   if stages:
     from pallas_kernels.gpu.mosaic import STAGES
-    names = tuple(x.strip() for x in stages.split(",") if x.strip() not in ("", "none"))
+    words = [x.strip() for x in stages.split(",") if x.strip() not in ("", "none")]
+    names = tuple(STAGES if "all" in words else (x for x in words if x != "narrow"))
     if not set(names) <= set(STAGES):
       raise ValueError(f"PRISM_MOSAIC_STAGES={stages!r}: unknown stage "
-                       f"{sorted(set(names) - set(STAGES))}; Mosaic GPU stages are {STAGES}")
-    bs = dataclasses.replace(bs, mosaic=names)
+                       f"{sorted(set(names) - set(STAGES))}; Mosaic GPU stages are {STAGES} "
+                       '(or "all", "none", "narrow")')
+    bs = dataclasses.replace(bs, mosaic=names, mosaic_narrow="narrow" in words)
   return bs
 
 

@@ -221,6 +221,11 @@ def test_unknown_mosaic_stage_is_named(monkeypatch):
   monkeypatch.setenv("PRISM_MOSAIC_STAGES", "output,inverse")
   with pytest.raises(ValueError, match="inverse"):
     gpu_block_sizes(C, interpret=True)
+  monkeypatch.setenv("PRISM_MOSAIC_STAGES", "all,narrow")
+  bs = gpu_block_sizes(C, interpret=False)
+  assert bs.mosaic == mosaic.STAGES and bs.mosaic_narrow
+  monkeypatch.setenv("PRISM_MOSAIC_STAGES", "none")
+  assert gpu_block_sizes(C, interpret=False).mosaic == ()
 
 
 @pytest.mark.parametrize("L", [1, 2])

@@ -47,6 +47,19 @@ def test_float32_at_head_dim_128_falls_back_once_and_matches():
   assert_close("o", naive_prism(q, k, v, beta, g)[0], o)
 
 
+@pytest.mark.parametrize("stages,blocks,case", [
+    # Every stage on Mosaic GPU, the passes at 32 columns (16 programs of 64 would be narrowed).
+    ("all,narrow", None, (2, 300, 4, 128, 128, 1, 64, True, True, jnp.bfloat16)),
+    # Six stages (the WY side takes one write), the passes at 64 columns.
+    ("all", "64,4,3,64,4,64,8,2,1", (1, 200, 2, 64, 64, 2, 64, True, True, jnp.bfloat16)),
+], ids=["L1-narrow", "L2-wide"])
+def test_compiled_mosaic_stages_match_naive(stages, blocks, case, monkeypatch):
+  monkeypatch.setenv("PRISM_MOSAIC_STAGES", stages)
+  if blocks:
+    monkeypatch.setenv("PRISM_GPU_BLOCKS", blocks)
+  check_against_naive(case, backend="gpu", interpret=False, seed=9)
+
+
 @pytest.mark.slow
 def test_acceptance_shape():
   check_against_naive((4, 4096, 16, 128, 128, 2, 64, True, False, jnp.bfloat16), backend="gpu",
