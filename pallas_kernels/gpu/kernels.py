@@ -332,8 +332,8 @@ def _wy_grads_kernel(*refs, L, BK, BV, precision, solve):
   against every write at once with the outputs stored at the end: L = 1 864 → 376 B, L = 2
   2304 → 2280, L = 3 5284 → 3484; not timed yet)."""
   (k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, inv_ref, u_ref, wk_ref, dx_ref, dxs_ref,
-   dh_ref), local_refs, dks_refs, dk_refs, dv_refs, dbeta_refs, (dG_ref,)) = cm.split_refs(
-       refs, (L, L, L, 9, L - 1, L, L, L, L, 1))
+   dh_ref), local_refs, dks_refs, (dk_ref, dv_ref, dbeta_ref, dG_ref)) = cm.split_refs(
+       refs, (L, L, L, 9, L - 1, L, 4))
   gates = _gates(G_ref, seq_ref, prev_ref)
   blocks = lambda n, b: [pl.ds(i * b, b) for i in range(n // b)]
   k_blocks, v_blocks = blocks(k_refs[0].shape[-1], BK), blocks(v_refs[0].shape[-1], BV)
@@ -342,16 +342,16 @@ def _wy_grads_kernel(*refs, L, BK, BV, precision, solve):
     return local_refs[i][:, c] + gates.to_end * cm.mm(k_refs[i + 1][...], dh_ref[:, c],
                                                       precision)
 
-  def store(name, l, cols, x):
-    r = (dk_refs if name == "dk" else dv_refs)[l]
-    r[:, cols] = x.astype(r.dtype)
+  def store(name, l, cols, x):  # write l's slot of dk or dv
+    r = dk_ref if name == "dk" else dv_ref
+    r[:, l, cols] = x.astype(r.dtype)
 
   dbeta, dG = cm.wy_grads(
       k_refs, v_refs, [_col(r[...]) for r in beta_refs], inv_ref[...], u_ref, wk_ref, dx_ref,
       dxs_ref, dy, dks_refs, gates, precision, store, solve, v_blocks=v_blocks,
       k_blocks=k_blocks)
-  for r, x in zip(dbeta_refs, dbeta):
-    r[...] = x.reshape(-1).astype(r.dtype)
+  for l, x in enumerate(dbeta):
+    dbeta_ref[:, l] = x.reshape(-1).astype(dbeta_ref.dtype)
   dG_ref[...] = dG.reshape(-1)
 
 
@@ -603,25 +603,35 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, bs: Blo
 
 def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state, *,
              bs: BlockSizes, precision, interpret, solve=cm.HIGHEST):
-  """The WY side (grid B·H × N, columns in blocks inside): L × dk (k's dtype, dk_state added),
-  L × dv (v's dtype), L × dβ (β's dtype) and the rest of dG [B,T,H] float32."""
+  """The WY side (grid B·H × N, columns in blocks inside): dk [B,T,H,L,K] (k's dtype,
+  dk_state added), dv [B,T,H,L,V] (v's dtype), dβ [B,T,H,L] (β's dtype) and the rest of dG
+  [B,T,H] float32. Each write goes to its own slot of the one array the custom_vjp returns
+  (L rounded up to a power of two for the block, so only L = 3 is sliced afterwards), not to L
+  arrays stacked in XLA (at B4 T4096 L = 2 that stacking was a 319 µs copy)."""
   B, T, H, L, K = k.shape
   V, C = v.shape[-1], bs.chunk
   s = _grad_specs(L, C, K, V, min(bs.block_k, K), H)
   rows = s["rows"]
-  out = pl.pallas_call(
+  Lp = 1 << (L - 1).bit_length()
+  at = lambda f: (lambda bh, n: f(bh // H, bh % H, n))
+  slots = lambda width: pl.BlockSpec((None, C, None, Lp, width),
+                                     at(lambda b, h, n: (b, n, h, 0, 0)))
+  dk, dv, dbeta, dG = pl.pallas_call(
       functools.partial(_wy_grads_kernel, L=L, BK=min(bs.block_k, K), BV=_block_v(bs, V),
                         precision=precision, solve=solve),
       grid=(B * H, T // C),
       in_specs=[*s["k_all"], *s["v_all"], *s["beta"], s["G"], s["seq"], s["seq"], rows(C),
                 rows(V), rows(K), rows(V), rows(K), s["h_all"], *[rows(V)] * (L - 1),
                 *[rows(K)] * L],
-      out_specs=[rows(K)] * L + [rows(V)] * L + [s["G"]] * (L + 1),
-      out_shape=[jax.ShapeDtypeStruct((B, T, H, K), k.dtype)] * L
-      + [jax.ShapeDtypeStruct((B, T, H, V), v.dtype)] * L
-      + [jax.ShapeDtypeStruct((B, T, H), beta.dtype)] * L
-      + [jax.ShapeDtypeStruct((B, T, H), jnp.float32)],
+      out_specs=[slots(K), slots(V),
+                 pl.BlockSpec((None, C, None, Lp), at(lambda b, h, n: (b, n, h, 0))), s["G"]],
+      out_shape=[jax.ShapeDtypeStruct((B, T, H, Lp, K), k.dtype),
+                 jax.ShapeDtypeStruct((B, T, H, Lp, V), v.dtype),
+                 jax.ShapeDtypeStruct((B, T, H, Lp), beta.dtype),
+                 jax.ShapeDtypeStruct((B, T, H), jnp.float32)],
       **_launch("prism_wy_grads", bs, interpret),
   )(*([k] * L), *([v] * L), *([beta] * L), G, seq, prev, inv, u, wk, dx, dxs, dh, *local[1:],
     *dk_state)
-  return list(out[:L]), list(out[L:2 * L]), list(out[2 * L:3 * L]), out[-1]
+  if Lp != L:  # the unwritten slots go
+    dk, dv, dbeta = dk[:, :, :, :L], dv[:, :, :, :L], dbeta[..., :L]
+  return dk, dv, dbeta, dG

@@ -660,9 +660,9 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, chunk=6
 
 def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state, *, chunk=64,
              interpret=False):
-  """The WY side of the gradients at L = 1 and K = V, as `kernels.wy_grads`: [dK] (k's dtype,
-  the state side's dk_state added), [dV] (v's dtype), [dβ] (β's dtype) and the rest of dG
-  [B,T,H] float32. k [B,T,H,1,K], v [B,T,H,1,V], beta [B,T,H,1], inv [B,T,H,C], wk [B,T,H,K]
+  """The WY side of the gradients at L = 1 and K = V, as `kernels.wy_grads`: dK [B,T,H,1,K]
+  (k's dtype, the state side's dk_state added), dV [B,T,H,1,V] (v's dtype), dβ [B,T,H,1] (β's
+  dtype) and the rest of dG [B,T,H] float32. k [B,T,H,1,K], v [B,T,H,1,V], beta [B,T,H,1], inv [B,T,H,C], wk [B,T,H,K]
   (one 16-bit dtype); u, dx [B,T,H,V], dxs and dk_state[0] [B,T,H,K] float32 (dh and local,
   read only for further writes, are unused).
 
@@ -759,4 +759,4 @@ def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state,
   )(k, v, beta_hm, head_major(G), seq, head_major(gamma), inv, u, wk, dx, dxs, dk_state[0])
   to_bth = lambda a: jnp.transpose(a, (0, 2, 1))
   dbeta = to_bth(parts[0]).astype(beta.dtype)
-  return [dk], [dv], [dbeta], to_bth(parts[1] - parts[2])
+  return dk[:, :, :, None], dv[:, :, :, None], dbeta[..., None], to_bth(parts[1] - parts[2])

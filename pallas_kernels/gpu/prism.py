@@ -137,7 +137,7 @@ def _bwd(scale, bs, interpret, res, cotangents):
   else:
     dk, dv, dbeta, dG = kernels.wy_grads(*wy_args, solve=grads_kw["precision"], **grads_kw)
   dG = dG + dG_state
-  return (dq, jnp.stack(dk, axis=3), jnp.stack(dv, axis=3), jnp.stack(dbeta, axis=3), dG,
+  return (dq, dk, dv, dbeta, dG,
           jnp.zeros_like(seq), jnp.zeros_like(prev), dh0)
 
 
