@@ -662,9 +662,9 @@ def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state,
              interpret=False):
   """The WY side of the gradients at L = 1 and K = V, as `kernels.wy_grads`: dK [B,T,H,1,K]
   (k's dtype, the state side's dk_state added), dV [B,T,H,1,V] (v's dtype), dβ [B,T,H,1] (β's
-  dtype) and the rest of dG [B,T,H] float32. k [B,T,H,1,K], v [B,T,H,1,V], beta [B,T,H,1], inv [B,T,H,C], wk [B,T,H,K]
-  (one 16-bit dtype); u, dx [B,T,H,V], dxs and dk_state[0] [B,T,H,K] float32 (dh and local,
-  read only for further writes, are unused).
+  dtype) and the rest of dG [B,T,H] float32. k [B,T,H,1,K], v [B,T,H,1,V], beta [B,T,H,1],
+  inv [B,T,H,C], wk [B,T,H,K] (one 16-bit dtype); u, dx [B,T,H,V], dxs and dk_state[0]
+  [B,T,H,K] float32 (dh and local, read only for further writes, are unused).
 
   One program per (chunk, batch·head), whole key and value widths. With T = (I + A)⁻¹ and every
   product on WGMMA with 16-bit operands (the roundings of the Triton kernel): dR = Tᵀ dX,
