@@ -191,15 +191,15 @@ def _primitive_names(jaxpr):
   return names
 
 
-@pytest.mark.parametrize("L", [1, 2])
-def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, monkeypatch):
+@pytest.mark.parametrize("L,dtype", [(1, jnp.bfloat16), (2, jnp.bfloat16), (1, jnp.float16)])
+def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, dtype, monkeypatch):
   from kernel_checks import check_against_naive
   from pallas_kernels import pallas_prism
   monkeypatch.setenv("PRISM_MOSAIC_STAGES", ",".join(mosaic.STAGES))
   # Interpret-mode blocks, but no narrowing of the passes over chunks for having few programs
   # (seq_min_programs = 1), so the Mosaic passes run at 32 columns as the Triton ones would.
   monkeypatch.setenv("PRISM_GPU_BLOCKS", "16,4,3,16,4,32,8,2,1,4,16")
-  case = (1, 150, 2, 64, 64, L, C, True, True, jnp.bfloat16)  # T padded, segments, S₀
+  case = (1, 150, 2, 64, 64, L, C, True, True, dtype)  # T padded, segments, S₀
   check_against_naive(case, backend="gpu", interpret=True, seed=21 + L)
   # Every stage ran on Mosaic GPU (at L = 2 the WY side stays on Triton), the inverse on Triton.
   q = jnp.zeros((1, C, 1, 64), jnp.bfloat16)
