@@ -374,3 +374,26 @@ def test_wy_grads_lowers_for_cuda_and_takes_only_one_write():
   assert "mosaic_gpu" in fn.trace(k, v, beta, G, seq, prev, inv, u, wk, f32, f32).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "L = 2" in mosaic.stage_reason("wy_grads", wk, jnp.concatenate([k, k], axis=3), v, C)
+
+
+def test_mosaic_stages_under_vmap_match_each_problem_alone(monkeypatch):
+  """A leading vmapped axis (layers, ensembles) through every Mosaic stage, values and
+  gradients, equals running each problem alone."""
+  from pallas_kernels import pallas_prism
+  from prism_jax.testing import random_prism_inputs
+  monkeypatch.setenv("PRISM_MOSAIC_STAGES", "all")
+  monkeypatch.setenv("PRISM_GPU_BLOCKS", "16,4,3,16,4,32,8,2,1,4,16")
+  seed = int(np.random.default_rng().integers(1 << 16))
+  *inputs, _ = random_prism_inputs(jax.random.key(seed), 2, C, 1, 64, 64, 1)
+  inputs = [x.astype(jnp.bfloat16) if x.ndim > 3 else x for x in inputs]  # g stays float32
+  do = normal(seed, (2, C, 1, 64))
+  loss = lambda q, k, v, beta, g, do: jnp.sum(pallas_prism(
+      q, k, v, beta, g, chunk_size=C, interpret=True, backend="gpu")[0].astype(jnp.float32) * do)
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))
+  args = (*inputs, do)
+  batched = jax.vmap(grad)(*(x[:, None] for x in args))  # two problems of batch 1
+  for i in range(2):
+    alone = grad(*(x[i:i + 1] for x in args))
+    for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(alone), strict=True):
+      np.testing.assert_allclose(np.asarray(got[i], np.float32), np.asarray(want, np.float32),
+                                 rtol=1e-5, atol=1e-5)
