@@ -16,8 +16,9 @@ powers of two ≥ 16 (the public wrapper pads). Eight kernels, as in the chunked
                  summed inside)
   wy_grads       (B·H, N): the cotangents through (I + A)⁻¹ (columns in blocks inside)
 
-`prepare`, `state_forward`, `output` make the forward; `local_dy`, `state_backward`, `grads`
-the backward (gpu/prism.py chains them under one custom_vjp).
+`inverse`, `apply_inverse`, `state_forward`, `output` make the forward; `local_dy`,
+`state_backward`, `state_grads`, `wy_grads` the backward (gpu/prism.py chains them under one
+custom_vjp, each stage on this Triton kernel or its Mosaic GPU version in gpu/mosaic.py).
 """
 
 from __future__ import annotations
@@ -414,18 +415,6 @@ def seq_tiling(bs: BlockSizes, B: int, H: int, V: int) -> tuple[int, BlockSizes]
 
 def _block_v(bs: BlockSizes, V: int) -> int:
   return min(bs.block_v, V)
-
-
-def prepare(k, v, beta, G, seq, prev, *, bs: BlockSizes, precision, interpret,
-            store_dtype=jnp.float32):
-  """U [B,T,H,V] float32, and Wk [B,T,H,K] and the rows of every chunk's (I + A)⁻¹ [B,T,H,C]
-  in store_dtype (both are only ever product operands at `precision`): `inverse` in float32
-  products, then `apply_inverse` at `precision`."""
-  kw = dict(bs=bs, precision=precision, interpret=interpret)
-  inv = inverse(k, beta, G, seq, solve=cm.HIGHEST, store_dtype=store_dtype, **kw)
-  u, wk = apply_inverse(k, v, beta, G, seq, prev, inv, store_dtype=store_dtype, solve=precision,
-                        **kw)
-  return u, wk, inv
 
 
 def inverse(k, beta, G, seq, *, bs: BlockSizes, precision, interpret, solve=cm.HIGHEST,

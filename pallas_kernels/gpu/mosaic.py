@@ -115,6 +115,30 @@ def _cols(ref):
   return plgpu.load(ref, layout=_LAYOUT.reduce(0))
 
 
+def _on_rows(vec, width):
+  """A [C] row-layout vector broadcast along the columns of a C × width tile."""
+  return lax.broadcast_in_dim(vec, (vec.shape[0], width), [0])
+
+
+def _head_major(x):
+  """[B, T, H(, L)] → float32 [B, H(, L), T]: TMA copies need the chunk's positions on the
+  contiguous minor axis."""
+  return jnp.moveaxis(x.astype(jnp.float32), 1, -1)
+
+
+def _gate_copies(G_gmem, seq_gmem, b, hd, rows, vec_smem):
+  """TMA copies of a chunk's G and sequence index into rows 0–3 of vec_smem, each twice: read
+  once as the rows and once as the columns of a C × C tile (`_chunk_decay`)."""
+  return [(G_gmem.at[b, hd, rows], vec_smem.at[0]), (G_gmem.at[b, hd, rows], vec_smem.at[1]),
+          (seq_gmem.at[b, rows], vec_smem.at[2]), (seq_gmem.at[b, rows], vec_smem.at[3])]
+
+
+def _chunk_decay(vec_smem, C, query_rows, **kw):
+  """`_causal_decay` from the vectors `_gate_copies` loaded."""
+  return _causal_decay(_rows(vec_smem.at[0]), _cols(vec_smem.at[1]), _rows(vec_smem.at[2]),
+                       _cols(vec_smem.at[3]), C, query_rows, **kw)
+
+
 def _causal_decay(G_row, G_col, seq_row, seq_col, C, query_rows, strict=False,
                   with_mask=False):
   """D on the causal same-sequence mask (less its diagonal if strict), 0 elsewhere, for a C × C
@@ -122,7 +146,7 @@ def _causal_decay(G_row, G_col, seq_row, seq_col, C, query_rows, strict=False,
   mask."""
   r = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=_LAYOUT)
   c = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_LAYOUT)
-  on_rows = lambda x: lax.broadcast_in_dim(x, (C, C), [0])
+  on_rows = lambda x: _on_rows(x, C)
   on_cols = lambda x: lax.broadcast_in_dim(x, (C, C), [1])
   later = (r - c) if query_rows else (c - r)
   keep = ((later > 0) if strict else (later >= 0)) & (on_rows(seq_row) == on_cols(seq_col))
@@ -167,8 +191,7 @@ def _carry(state, gamma_last, pairs):
   (accumulated on WGMMA); gamma_last: the chunk's γ_C repeated over the K rows, in shared
   memory."""
   K, BV = state.shape
-  return state * lax.broadcast_in_dim(_rows(gamma_last), (K, BV), [0]) + _products(pairs,
-                                                                                   (K, BV))
+  return state * _on_rows(_rows(gamma_last), BV) + _products(pairs, (K, BV))
 
 
 def _pass(N, step, f32_smem, first, last, bar):
@@ -190,8 +213,7 @@ def _pass_gates(name, G, seq, prev, K, V, C, block_v):
     raise ValueError(f"mosaic.{name}: block_v {BV} must be a multiple of 32 dividing V")
   gamma, to_end = pass_gates(G, seq, prev, C)  # [B, T, H] float32
   gamma_last = jnp.transpose(gamma.reshape(B, N, C, H)[:, :, -1], (0, 2, 1))  # [B, H, N]
-  head_major = lambda x: jnp.transpose(x, (0, 2, 1))
-  return (BV, N, head_major(gamma), head_major(to_end),
+  return (BV, N, _head_major(gamma), _head_major(to_end),
           jnp.broadcast_to(gamma_last[..., None], (B, H, N, K)))
 
 
@@ -217,8 +239,6 @@ def local_dy(q, k, G, seq, prev, do, *, scale, chunk=64, interpret=False):
   _check("local_dy", q, k, do, chunk)
   B, T, H, L, K = k.shape
   V, C, dtype = do.shape[-1], chunk, q.dtype
-  # TMA copies need a contiguous minor axis: the log-decay goes head-major once, in XLA.
-  G_hm = jnp.transpose(G.astype(jnp.float32), (0, 2, 1))  # [B, H, T]
 
   def body(q_gmem, k_gmem, G_gmem, seq_gmem, do_gmem, *rest):
     out_gmem = rest[:L]
@@ -226,13 +246,11 @@ def local_dy(q, k, G, seq, prev, do, *, scale, chunk=64, interpret=False):
     n, bh = lax.axis_index("n"), lax.axis_index("bh")
     b, h = bh // H, bh % H
     rows = pl.ds(n * C, C)
-    _copy_in([(q_gmem.at[b, rows, h], q_smem), (do_gmem.at[b, rows, h], do_smem),
-              (G_gmem.at[b, h, rows], vec_smem.at[0]), (G_gmem.at[b, h, rows], vec_smem.at[1]),
-              (seq_gmem.at[b, rows], vec_smem.at[2]), (seq_gmem.at[b, rows], vec_smem.at[3])]
+    _copy_in([(q_gmem.at[b, rows, h], q_smem), (do_gmem.at[b, rows, h], do_smem)]
+             + _gate_copies(G_gmem, seq_gmem, b, h, rows, vec_smem)
              + [(k_gmem.at[b, rows, h, l], k_smem.at[l]) for l in range(L)], bar)
     # Rows of S = K^l Qᵀ are keys, columns queries.
-    decay = _causal_decay(_rows(vec_smem.at[0]), _cols(vec_smem.at[1]), _rows(vec_smem.at[2]),
-                          _cols(vec_smem.at[3]), C, query_rows=False)
+    decay = _chunk_decay(vec_smem, C, query_rows=False)
     for l in range(L):
       p = _product(k_smem.at[l], q_smem.transpose((1, 0)), (C, C)) * decay
       p_smem[...] = p.astype(dtype)
@@ -249,7 +267,7 @@ def local_dy(q, k, G, seq, prev, do, *, scale, chunk=64, interpret=False):
                      plgpu.Barrier(num_barriers=6 + L)],
       grid=(T // C, B * H), grid_names=("n", "bh"), interpret=_interpret(interpret),
       kernel_name="prism_local_dy_mosaic",
-  )(q, k, G_hm, seq, do)
+  )(q, k, _head_major(G), seq, do)
   return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
@@ -262,8 +280,6 @@ def output(q, k, v, beta, G, seq, prev, x, h, *, scale, chunk=64, interpret=Fals
   V, C, dtype = v.shape[-1], chunk, q.dtype
   if x.dtype != dtype or h.dtype != dtype:
     raise ValueError(f"mosaic.output: x {x.dtype} and h {h.dtype} must be {dtype}")
-  G_hm = jnp.transpose(G.astype(jnp.float32), (0, 2, 1))  # [B, H, T]
-  beta_hm = jnp.transpose(beta.astype(jnp.float32), (0, 2, 3, 1))  # [B, H, L, T]
 
   def body(q_gmem, k_gmem, v_gmem, beta_gmem, G_gmem, seq_gmem, prev_gmem, x_gmem, h_gmem,
            o_gmem, q_smem, k_smem, y_smem, h_smem, p_smem, vec_smem, beta_smem, o_smem, bar):
@@ -271,10 +287,9 @@ def output(q, k, v, beta, G, seq, prev, x, h, *, scale, chunk=64, interpret=Fals
     b, hd = bh // H, bh % H
     rows = pl.ds(n * C, C)
     _copy_in([(q_gmem.at[b, rows, hd], q_smem), (x_gmem.at[b, rows, hd], y_smem.at[0]),
-              (h_gmem.at[b, hd, pl.ds(n * K, K)], h_smem),
-              (G_gmem.at[b, hd, rows], vec_smem.at[0]), (G_gmem.at[b, hd, rows], vec_smem.at[1]),
-              (seq_gmem.at[b, rows], vec_smem.at[2]), (seq_gmem.at[b, rows], vec_smem.at[3]),
-              (prev_gmem.at[b, rows], vec_smem.at[4])]
+              (h_gmem.at[b, hd, pl.ds(n * K, K)], h_smem)]
+             + _gate_copies(G_gmem, seq_gmem, b, hd, rows, vec_smem)
+             + [(prev_gmem.at[b, rows], vec_smem.at[4])]
              + [(k_gmem.at[b, rows, hd, l], k_smem.at[l]) for l in range(L)]
              + [(v_gmem.at[b, rows, hd, l], y_smem.at[l]) for l in range(1, L)]
              + [(beta_gmem.at[b, hd, l, rows], beta_smem.at[l]) for l in range(1, L)], bar)
@@ -284,10 +299,9 @@ def output(q, k, v, beta, G, seq, prev, x, h, *, scale, chunk=64, interpret=Fals
     # γ_i: the incoming state's decay at i, 0 after a sequence start inside the chunk.
     gamma = jnp.exp(jnp.where(seq_row == _rows(vec_smem.at[4]), G_row, -jnp.inf))
     for l in range(1, L):  # Y^l = β^l ⊙ V^l, rounded to the operand type in place
-      y = y_smem[l].astype(jnp.float32) * lax.broadcast_in_dim(
-          _rows(beta_smem.at[l]), (C, V), [0])
+      y = y_smem[l].astype(jnp.float32) * _on_rows(_rows(beta_smem.at[l]), V)
       y_smem[l] = y.astype(dtype)
-    o = _product(q_smem, h_smem, (C, V)) * lax.broadcast_in_dim(gamma, (C, V), [0])
+    o = _product(q_smem, h_smem, (C, V)) * _on_rows(gamma, V)
     for l in range(L):
       p = _product(q_smem, k_smem.at[l].transpose((1, 0)), (C, C)) * decay
       p_smem[...] = p.astype(dtype)
@@ -306,7 +320,7 @@ def output(q, k, v, beta, G, seq, prev, x, h, *, scale, chunk=64, interpret=Fals
                      plgpu.Barrier(num_barriers=6 + 3 * L)],
       grid=(T // C, B * H), grid_names=("n", "bh"), interpret=_interpret(interpret),
       kernel_name="prism_output_mosaic",
-  )(q, k, v, beta_hm, G_hm, seq, prev, x, h)
+  )(q, k, v, _head_major(beta), _head_major(G), seq, prev, x, h)
 
 
 def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
@@ -329,7 +343,6 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
   V, C, dtype = v.shape[-1], chunk, k.dtype
   BV, N, _, to_end, gamma_rows = _pass_gates("state_forward", G, seq, prev, K, V, C, block_v)
   operand = _pass_operand(BV, dtype)
-  beta_hm = jnp.transpose(beta.astype(jnp.float32), (0, 2, 3, 1))  # [B, H, L, T]
   per_chunk = 2 + 3 * L  # TMA copies per chunk: k^l, v^l and β^l (l ≥ 2), U, Wk, e, γ_C
 
   def body(k_gmem, v_gmem, beta_gmem, e_gmem, gl_gmem, u_gmem, wk_gmem, h0_gmem,
@@ -361,10 +374,10 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
       _store(state, s_smem, h_gmem.at[b, hd, pl.ds(n * K, K), cols])
       x = u_smem[slot] - _product(wk_smem.at[slot], s_smem, (C, BV))
       x_smem[...] = x.astype(dtype)
-      e = lax.broadcast_in_dim(_rows(e_smem.at[slot]), (C, BV), [0])
+      e = _on_rows(_rows(e_smem.at[slot]), BV)
       ey_smem[0] = (e * x).astype(dtype)
       for l in range(1, L):  # Y^l = β^l ⊙ V^l
-        beta_l = lax.broadcast_in_dim(_rows(beta_smem.at[slot, l - 1]), (C, BV), [0])
+        beta_l = _on_rows(_rows(beta_smem.at[slot, l - 1]), BV)
         ey_smem[l] = (e * beta_l * y_smem[slot, l - 1].astype(jnp.float32)).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(x_smem, x_gmem.at[b, rows, hd, cols])
@@ -389,7 +402,7 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
                      plgpu.Barrier(num_barriers=2 * per_chunk), plgpu.Barrier(num_barriers=1)],
       grid=(V // BV, B * H), grid_names=("j", "bh"), interpret=_interpret(interpret),
       kernel_name="prism_state_forward_mosaic",
-  )(k, v, beta_hm, to_end, gamma_rows, u, wk, h0)
+  )(k, v, _head_major(beta), to_end, gamma_rows, u, wk, h0)
 
 
 def apply_inverse(k, v, beta, G, seq, prev, inv, *, chunk=64, interpret=False):
@@ -404,8 +417,6 @@ def apply_inverse(k, v, beta, G, seq, prev, inv, *, chunk=64, interpret=False):
   _check("apply_inverse", inv, k, v, chunk)
   B, T, H, L, K = k.shape
   V, C, dtype = v.shape[-1], chunk, k.dtype
-  G_hm = jnp.transpose(G.astype(jnp.float32), (0, 2, 1))  # [B, H, T]
-  beta_hm = jnp.transpose(beta.astype(jnp.float32), (0, 2, 3, 1))  # [B, H, L, T]
   extra = max(L - 1, 1)
 
   def body(k_gmem, v_gmem, beta_gmem, G_gmem, seq_gmem, prev_gmem, inv_gmem, u_gmem, wk_gmem,
@@ -414,26 +425,24 @@ def apply_inverse(k, v, beta, G, seq, prev, inv, *, chunk=64, interpret=False):
     n, bh = lax.axis_index("n"), lax.axis_index("bh")
     b, hd = bh // H, bh % H
     rows = pl.ds(n * C, C)
-    _copy_in([(inv_gmem.at[b, rows, hd], inv_smem),
-              (G_gmem.at[b, hd, rows], vec_smem.at[0]), (G_gmem.at[b, hd, rows], vec_smem.at[1]),
-              (seq_gmem.at[b, rows], vec_smem.at[2]), (seq_gmem.at[b, rows], vec_smem.at[3]),
-              (prev_gmem.at[b, rows], vec_smem.at[4])]
+    _copy_in([(inv_gmem.at[b, rows, hd], inv_smem)]
+             + _gate_copies(G_gmem, seq_gmem, b, hd, rows, vec_smem)
+             + [(prev_gmem.at[b, rows], vec_smem.at[4])]
              + [(k_gmem.at[b, rows, hd, l], k_smem.at[l]) for l in range(L)]
              + [(v_gmem.at[b, rows, hd, l], v_smem.at[l]) for l in range(L)]
              + [(beta_gmem.at[b, hd, l, rows], beta_smem.at[l]) for l in range(L)], bar)
     G_row, seq_row = _rows(vec_smem.at[0]), _rows(vec_smem.at[2])
-    on_rows = lambda x, width: lax.broadcast_in_dim(x, (C, width), [0])
     b1 = _rows(beta_smem.at[0])
     gamma = jnp.exp(jnp.where(seq_row == _rows(vec_smem.at[4]), G_row, -jnp.inf))
-    bk_smem[...] = (on_rows(b1 * gamma, K) * k_smem[0].astype(jnp.float32)).astype(dtype)
-    r = on_rows(b1, V) * v_smem[0].astype(jnp.float32)
+    bk_smem[...] = (_on_rows(b1 * gamma, K) * k_smem[0].astype(jnp.float32)).astype(dtype)
+    r = _on_rows(b1, V) * v_smem[0].astype(jnp.float32)
     if L > 1:
       decay = _causal_decay(G_row, _cols(vec_smem.at[1]), seq_row, _cols(vec_smem.at[3]), C,
                             query_rows=True, strict=True)
       for l in range(1, L):
         m = _product(k_smem.at[0], k_smem.at[l].transpose((1, 0)), (C, C)) * decay
-        m_smem[...] = (on_rows(b1, C) * m).astype(dtype)
-        w_smem[...] = (on_rows(_rows(beta_smem.at[l]), V)
+        m_smem[...] = (_on_rows(b1, C) * m).astype(dtype)
+        w_smem[...] = (_on_rows(_rows(beta_smem.at[l]), V)
                        * v_smem[l].astype(jnp.float32)).astype(dtype)
         plgpu.commit_smem()
         r = r - _product(m_smem, w_smem, (C, V))
@@ -455,7 +464,7 @@ def apply_inverse(k, v, beta, G, seq, prev, inv, *, chunk=64, interpret=False):
                      _operand_smem((C, K), dtype), plgpu.Barrier(num_barriers=6 + 3 * L)],
       grid=(T // C, B * H), grid_names=("n", "bh"), interpret=_interpret(interpret),
       kernel_name="prism_apply_inverse_mosaic",
-  )(k, v, beta_hm, G_hm, seq, prev, inv)
+  )(k, v, _head_major(beta), _head_major(G), seq, prev, inv)
 
 
 def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, block_v=64, chunk=64,
@@ -508,11 +517,11 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, block_v=64
       rows = pl.ds(n * C, C)
       # dS' as the saved dh and the operand of K¹ dS'.
       _store(dstate, ds_smem, dh_gmem.at[b, hd, pl.ds(n * K, K), cols])
-      e = lax.broadcast_in_dim(_rows(e_smem.at[slot]), (C, BV), [0])
+      e = _on_rows(_rows(e_smem.at[slot]), BV)
       dx = local_smem[slot] + e * _product(k_smem.at[slot], ds_smem, (C, BV))
       dx_out[...] = dx
       ndx_smem[...] = (-dx).astype(dtype)
-      g = lax.broadcast_in_dim(_rows(g_smem.at[slot]), (C, BV), [0])
+      g = _on_rows(_rows(g_smem.at[slot]), BV)
       gdo_smem[...] = (g * do_smem[slot].astype(jnp.float32)).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(dx_out, dx_gmem.at[b, rows, hd, cols])
@@ -558,9 +567,7 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, chunk=6
   B, T, H, L, K = k.shape
   V, C, dtype, N = do.shape[-1], chunk, q.dtype, T // chunk
   BK, f32 = C, jnp.float32  # key blocks of 64 (= C)
-  gamma, to_end = pass_gates(G, seq, prev, C)  # [B, T, H]
-  head_major = lambda a: jnp.transpose(a.astype(f32), (0, 2, 1))
-  beta_hm = jnp.transpose(beta.astype(f32), (0, 2, 3, 1))  # [B, H, L, T]
+  gamma, to_end = (_head_major(x) for x in pass_gates(G, seq, prev, C))  # [B, H, T]
   PARTS = 5  # rowsum Ψ, de, γ ⊙ rowsum(Q ⊙ dO Sᵀ), rowsum(S ⊙ dS'), colsum Ψ
 
   def body(q_gmem, k_gmem, v_gmem, beta_gmem, x_gmem, dx_gmem, G_gmem, seq_gmem, gamma_gmem,
@@ -575,22 +582,19 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, chunk=6
     _copy_in([(q_gmem.at[b, rows, hd, keys], q_smem), (x_gmem.at[b, rows, hd], y_smem.at[0]),
               (dx_gmem.at[b, rows, hd], dxf_smem), (do_gmem.at[b, rows, hd], do_smem),
               (h_gmem.at[b, hd, state_rows], h_smem), (dh_gmem.at[b, hd, state_rows], dh_smem),
-              (G_gmem.at[b, hd, rows], vec_smem.at[0]), (G_gmem.at[b, hd, rows], vec_smem.at[1]),
-              (seq_gmem.at[b, rows], vec_smem.at[2]), (seq_gmem.at[b, rows], vec_smem.at[3]),
               (gamma_gmem.at[b, hd, rows], vec_smem.at[4]),
               (e_gmem.at[b, hd, rows], vec_smem.at[5])]
+             + _gate_copies(G_gmem, seq_gmem, b, hd, rows, vec_smem)
              + [(k_gmem.at[b, rows, hd, l, keys], k_smem.at[l]) for l in range(L)]
              + [(v_gmem.at[b, rows, hd, l], y_smem.at[l]) for l in range(1, L)]
              + [(beta_gmem.at[b, hd, l, rows], beta_smem.at[l]) for l in range(1, L)], bar)
-    decay = _causal_decay(_rows(vec_smem.at[0]), _cols(vec_smem.at[1]), _rows(vec_smem.at[2]),
-                          _cols(vec_smem.at[3]), C, query_rows=True)
-    on_rows = lambda vec, width: lax.broadcast_in_dim(vec, (C, width), [0])
+    decay = _chunk_decay(vec_smem, C, query_rows=True)
     # The product operands: scale ⊙ Q, dX and Y^l = β^l ⊙ V^l rounded to the input type.
     qs = q_smem[...].astype(f32) * scale
     qs_smem[...] = qs.astype(dtype)
     dxb_smem[...] = dxf_smem[...].astype(dtype)
     for l in range(1, L):
-      y = y_smem[l].astype(f32) * on_rows(_rows(beta_smem.at[l]), V)
+      y = y_smem[l].astype(f32) * _on_rows(_rows(beta_smem.at[l]), V)
       y_smem[l] = y.astype(dtype)
     plgpu.commit_smem()  # the tensor cores read them through the async proxy
     s_t = h_smem.transpose((1, 0))
@@ -606,11 +610,11 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, chunk=6
       de_l = jnp.sum(k_smem[l].astype(f32) * yds, axis=1)
       psi, de = (psi_l, de_l) if l == 0 else (psi + psi_l, de + de_l)
       dk = (_product(dp_smem.at[l].transpose((1, 0)), qs_smem, (C, BK))
-            + on_rows(_rows(vec_smem.at[5]), BK) * yds)
+            + _on_rows(_rows(vec_smem.at[5]), BK) * yds)
       _store(dk, out_smem, dk_gmem[l].at[b, rows, hd, keys])
     gamma_rows = _rows(vec_smem.at[4])
     dq = (_products([(dp_smem.at[l], k_smem.at[l]) for l in range(L)], (C, BK))
-          + on_rows(gamma_rows, BK) * dos)
+          + _on_rows(gamma_rows, BK) * dos)
     _store(dq * scale, dq_smem, dq_gmem.at[b, rows, hd, keys])
     sds = jnp.sum(h_smem[...].astype(f32) * dh_smem[...].astype(f32), axis=1)
     # One value per row of a WGMMA tile, and colsum Ψ (one per column) in a buffer of its own.
@@ -642,17 +646,16 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, chunk=6
                      plgpu.Barrier(num_barriers=10 + 3 * L)],
       grid=(KB, N, B * H), grid_names=("kb", "n", "bh"), interpret=_interpret(interpret),
       kernel_name="prism_state_grads_mosaic",
-  )(q, k, v, beta_hm, x, dx, head_major(G), seq, head_major(gamma), head_major(to_end), h, dh,
-    do)
+  )(q, k, v, _head_major(beta), x, dx, _head_major(G), seq, gamma, to_end, h, dh, do)
   dq, dk, dxs, parts = out[0], list(out[1:L + 1]), out[L + 1], out[L + 2]
   psi_rows, de, q_dos, sds, psi_cols = jnp.sum(parts, axis=0)  # each [B, H, T]
   # cm.gate_grads on whole arrays: the G_C terms go to each chunk's last row.
   per_chunk = lambda a: a.reshape(B, H, N, C)
-  gamma_last = per_chunk(head_major(gamma))[..., -1:]
-  last = (jnp.sum(per_chunk(de * head_major(to_end)), axis=-1, keepdims=True)
+  gamma_last = per_chunk(gamma)[..., -1:]
+  last = (jnp.sum(per_chunk(de * to_end), axis=-1, keepdims=True)
           + gamma_last * jnp.sum(per_chunk(sds), axis=-1, keepdims=True))
   is_last = jnp.arange(C) == C - 1
-  dG = psi_rows - psi_cols - de * head_major(to_end) + q_dos
+  dG = psi_rows - psi_cols - de * to_end + q_dos
   dG = (per_chunk(dG) + jnp.where(is_last, last, 0.0)).reshape(B, H, T)
   return dq, dk, dxs, jnp.transpose(dG, (0, 2, 1))
 
@@ -679,8 +682,6 @@ def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state,
   B, T, H, L, K = k.shape
   V, C, dtype, N, f32 = v.shape[-1], chunk, k.dtype, T // chunk, jnp.float32
   gamma, _ = pass_gates(G, seq, prev, C)  # [B, T, H]
-  head_major = lambda a: jnp.transpose(a.astype(f32), (0, 2, 1))
-  beta_hm = jnp.transpose(beta.astype(f32), (0, 2, 3, 1))  # [B, H, 1, T]
 
   def body(k_gmem, v_gmem, beta_gmem, G_gmem, seq_gmem, gamma_gmem, inv_gmem, u_gmem, wk_gmem,
            dx_gmem, dxs_gmem, dks_gmem, dk_gmem, dv_gmem, parts_gmem,
@@ -693,26 +694,22 @@ def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state,
               (inv_gmem.at[b, rows, hd], inv_smem), (wk_gmem.at[b, rows, hd], wk_smem),
               (u_gmem.at[b, rows, hd], stage_smem.at[0]),
               (dx_gmem.at[b, rows, hd], stage_smem.at[1]),
-              (beta_gmem.at[b, hd, 0, rows], vec_smem.at[0]),
-              (G_gmem.at[b, hd, rows], vec_smem.at[1]), (G_gmem.at[b, hd, rows], vec_smem.at[2]),
-              (seq_gmem.at[b, rows], vec_smem.at[3]), (seq_gmem.at[b, rows], vec_smem.at[4]),
-              (gamma_gmem.at[b, hd, rows], vec_smem.at[5])], bar)
+              (beta_gmem.at[b, hd, 0, rows], vec_smem.at[4]),
+              (gamma_gmem.at[b, hd, rows], vec_smem.at[5])]
+             + _gate_copies(G_gmem, seq_gmem, b, hd, rows, vec_smem), bar)
     u_smem[...] = stage_smem[0].astype(dtype)
     dx_smem[...] = stage_smem[1].astype(dtype)
     plgpu.commit_smem()  # a warpgroup barrier too: the staging buffers can be refilled
     _start_copies([(dxs_gmem.at[b, rows, hd], stage_smem.at[0]),
                    (dks_gmem.at[b, rows, hd], stage_smem.at[1])], bar2)
-    on_rows = lambda vec, width: lax.broadcast_in_dim(vec, (C, width), [0])
-    b1, gamma_rows = _rows(vec_smem.at[0]), _rows(vec_smem.at[5])
-    decay, strict = _causal_decay(_rows(vec_smem.at[1]), _cols(vec_smem.at[2]),
-                                  _rows(vec_smem.at[3]), _cols(vec_smem.at[4]), C,
-                                  query_rows=True, strict=True, with_mask=True)
+    b1, gamma_rows = _rows(vec_smem.at[4]), _rows(vec_smem.at[5])
+    decay, strict = _chunk_decay(vec_smem, C, query_rows=True, strict=True, with_mask=True)
     inv_t = inv_smem.transpose((1, 0))
     dr = _product(inv_t, dx_smem, (C, V))  # dR = Tᵀ dX
     dr_smem[...] = dr.astype(dtype)
     plgpu.commit_smem()
     gram = _product(dr_smem, u_smem.transpose((1, 0)), (C, C))  # dR Uᵀ
-    _store(on_rows(b1, V) * dr, u_smem, dv_gmem.at[b, rows, hd])
+    _store(_on_rows(b1, V) * dr, u_smem, dv_gmem.at[b, rows, hd])
     dbeta = jnp.sum(dr * v_smem[...].astype(f32), axis=1)
     plgpu.barrier_wait(bar2.at[0])
     dx_smem[...] = stage_smem[0].astype(dtype)  # dX Sᵀ, in the buffer dX has left
@@ -725,11 +722,11 @@ def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state,
     raw = _product(k_smem, k_smem.transpose((1, 0)), (C, C)) * decay  # strict(K Kᵀ ⊙ D)
     da = jnp.where(strict, -gram, 0.0)
     dbeta = dbeta + jnp.sum(da * raw, axis=1) + gamma_rows * sbk
-    psi = on_rows(b1, C) * da * raw
-    dkd_smem[...] = (on_rows(b1, C) * da * decay).astype(dtype)
+    psi = _on_rows(b1, C) * da * raw
+    dkd_smem[...] = (_on_rows(b1, C) * da * decay).astype(dtype)
     plgpu.commit_smem()
     plgpu.barrier_wait(bar2.at[1])
-    dk = (stage_smem[1] + on_rows(b1 * gamma_rows, K) * dbk
+    dk = (stage_smem[1] + _on_rows(b1 * gamma_rows, K) * dbk
           + _products([(dkd_smem, k_smem), (dkd_smem.transpose((1, 0)), k_smem)], (C, K)))
     _store(dk, dbk_smem, dk_gmem.at[b, rows, hd])
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -756,7 +753,8 @@ def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state,
                      plgpu.Barrier(num_barriers=12), plgpu.Barrier(num_barriers=2)],
       grid=(N, B * H), grid_names=("n", "bh"), interpret=_interpret(interpret),
       kernel_name="prism_wy_grads_mosaic",
-  )(k, v, beta_hm, head_major(G), seq, head_major(gamma), inv, u, wk, dx, dxs, dk_state[0])
+  )(k, v, _head_major(beta), _head_major(G), seq, _head_major(gamma), inv, u, wk, dx, dxs,
+    dk_state[0])
   to_bth = lambda a: jnp.transpose(a, (0, 2, 1))
   dbeta = to_bth(parts[0]).astype(beta.dtype)
   return dk[:, :, :, None], dv[:, :, :, None], dbeta[..., None], to_bth(parts[1] - parts[2])

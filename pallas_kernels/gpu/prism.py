@@ -1,6 +1,7 @@
-"""The GPU kernels under one `jax.custom_vjp`: forward (prepare → state pass → output) and the
-hand-written backward (state cotangent pass → per-chunk gradients), recomputing from the states
-saved at every chunk boundary (memory linear in T)."""
+"""The GPU kernels under one `jax.custom_vjp`: forward (inverse → apply → state pass → output)
+and the hand-written backward (state cotangent pass → per-chunk gradients), recomputing from
+the states saved at every chunk boundary (memory linear in T); each stage on its Triton kernel
+or its Mosaic GPU version (`BlockSizes.mosaic`)."""
 
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interp
   return o, hT
 
 
-def _on_mosaic(bs, stage, q, k, v, do=None):
+def _on_mosaic(bs, stage, q, k, v):
   """Whether `stage` runs on its Mosaic GPU version (named in bs.mosaic, and it takes these
-  arrays; otherwise the Triton kernel runs)."""
+  arrays, v: the values or dO; otherwise the Triton kernel runs)."""
   if stage not in bs.mosaic:
     return False
   if stage in PASSES:
@@ -65,7 +66,7 @@ def _on_mosaic(bs, stage, q, k, v, do=None):
     narrow = block_v < min(bs.seq_block_v, v.shape[-1])
     if block_v % 32 or (narrow and not bs.mosaic_narrow):  # narrow: not yet timed
       return False
-  return mosaic.stage_reason(stage, q, k, v if do is None else do, bs.chunk) is None
+  return mosaic.stage_reason(stage, q, k, v, bs.chunk) is None
 
 
 PASSES = ("state_forward", "state_backward")
@@ -76,27 +77,27 @@ def _pass_block_v(bs, q, v):
   return kernels.seq_tiling(bs, q.shape[0], q.shape[2], v.shape[-1])[0]
 
 
+def _stage(stage, bs, q, k, v, interpret, triton_kw):
+  """The function that runs `stage` on these arrays (v: the values or dO): its Mosaic GPU
+  version where `_on_mosaic` says so, else its Triton kernel with the keywords triton_kw."""
+  if not _on_mosaic(bs, stage, q, k, v):
+    return functools.partial(getattr(kernels, stage), **triton_kw)
+  kw = dict(chunk=bs.chunk, interpret=interpret)
+  if stage in PASSES:
+    kw["block_v"] = _pass_block_v(bs, q, v)
+  return functools.partial(getattr(mosaic, stage), **kw)
+
+
 def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
   kw = dict(bs=bs.fitted(q.dtype, k.shape[3]), precision=operand_precision(q.dtype),
             interpret=interpret)
   store = store_dtype(q.dtype)
-  if _on_mosaic(bs, "apply_inverse", q, k, v):
-    inv = kernels.inverse(k, beta, G, seq, solve=cm.HIGHEST, store_dtype=store, **kw)
-    u, wk = mosaic.apply_inverse(k, v, beta, G, seq, prev, inv, chunk=bs.chunk,
-                                 interpret=interpret)
-  else:
-    u, wk, inv = kernels.prepare(k, v, beta, G, seq, prev, store_dtype=store, **kw)
-  if _on_mosaic(bs, "state_forward", q, k, v):
-    h, x, hT = mosaic.state_forward(k, v, beta, G, seq, prev, u, wk, h0, chunk=bs.chunk,
-                                    block_v=_pass_block_v(bs, q, v), interpret=interpret)
-  else:
-    h, x, hT = kernels.state_forward(k, v, beta, G, seq, prev, u, wk, h0, store_dtype=store,
-                                     **kw)
-  if _on_mosaic(bs, "output", q, k, v):
-    o = mosaic.output(q, k, v, beta, G, seq, prev, x, h, scale=scale, chunk=bs.chunk,
-                      interpret=interpret)
-  else:
-    o = kernels.output(q, k, v, beta, G, seq, prev, x, h, scale=scale, **kw)
+  stage = lambda name, **extra: _stage(name, bs, q, k, v, interpret, {**kw, **extra})
+  inv = kernels.inverse(k, beta, G, seq, solve=cm.HIGHEST, store_dtype=store, **kw)
+  u, wk = stage("apply_inverse", solve=kw["precision"], store_dtype=store)(
+      k, v, beta, G, seq, prev, inv)
+  h, x, hT = stage("state_forward", store_dtype=store)(k, v, beta, G, seq, prev, u, wk, h0)
+  o = stage("output")(q, k, v, beta, G, seq, prev, x, h, scale=scale)
   return o, hT, (q, k, v, beta, G, seq, prev, inv, u, wk, x, h)
 
 
@@ -108,34 +109,17 @@ def _fwd(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
 def _bwd(scale, bs, interpret, res, cotangents):
   q, k, v, beta, G, seq, prev, inv, u, wk, x, h = res
   do, dhT = cotangents
-  kw = dict(scale=scale, bs=bs.fitted(q.dtype, k.shape[3]), precision=operand_precision(q.dtype),
+  kw = dict(bs=bs.fitted(q.dtype, k.shape[3]), precision=operand_precision(q.dtype),
             interpret=interpret)
-  if _on_mosaic(bs, "local_dy", q, k, v, do):
-    local = mosaic.local_dy(q, k, G, seq, prev, do, scale=scale, chunk=bs.chunk,
-                            interpret=interpret)
-  else:
-    local = kernels.local_dy(q, k, G, seq, prev, do, **kw)
-  if _on_mosaic(bs, "state_backward", q, k, v, do):
-    dh, dx, dh0 = mosaic.state_backward(q, k, G, seq, prev, wk, do, local[0],
-                                        dhT.astype(jnp.float32), scale=scale, chunk=bs.chunk,
-                                        block_v=_pass_block_v(bs, q, do), interpret=interpret)
-  else:
-    dh, dx, dh0 = kernels.state_backward(q, k, G, seq, prev, wk, do, local[0],
-                                         dhT.astype(jnp.float32),
-                                         store_dtype=store_dtype(q.dtype), **kw)
+  stage = lambda name, **extra: _stage(name, bs, q, k, do, interpret, {**kw, **extra})
+  local = stage("local_dy")(q, k, G, seq, prev, do, scale=scale)
+  dh, dx, dh0 = stage("state_backward", store_dtype=store_dtype(q.dtype))(
+      q, k, G, seq, prev, wk, do, local[0], dhT.astype(jnp.float32), scale=scale)
   # The state side, then the WY side (which adds its terms of dK to the state side's).
-  grads_kw = {name: value for name, value in kw.items() if name != "scale"}
-  if _on_mosaic(bs, "state_grads", q, k, v, do):
-    state_grads = functools.partial(mosaic.state_grads, chunk=bs.chunk, interpret=interpret)
-  else:
-    state_grads = functools.partial(kernels.state_grads, **grads_kw)
-  dq, dk_state, dxs, dG_state = state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do,
-                                            scale=scale)
-  wy_args = (k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state)
-  if _on_mosaic(bs, "wy_grads", q, k, v, do):
-    dk, dv, dbeta, dG = mosaic.wy_grads(*wy_args, chunk=bs.chunk, interpret=interpret)
-  else:
-    dk, dv, dbeta, dG = kernels.wy_grads(*wy_args, solve=grads_kw["precision"], **grads_kw)
+  dq, dk_state, dxs, dG_state = stage("state_grads")(q, k, v, beta, G, seq, prev, x, h, dh, dx,
+                                                     do, scale=scale)
+  dk, dv, dbeta, dG = stage("wy_grads", solve=kw["precision"])(
+      k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state)
   dG = dG + dG_state
   return (dq, dk, dv, dbeta, dG,
           jnp.zeros_like(seq), jnp.zeros_like(prev), dh0)

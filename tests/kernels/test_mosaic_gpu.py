@@ -16,10 +16,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from benchmarks.kernels import mosaic_calls, stage_calls  # noqa: E402
 from host_random import normal  # noqa: E402
 from pallas_kernels.gpu import mosaic  # noqa: E402
-from pallas_kernels.prism import kernel_inputs  # noqa: E402
+from pallas_kernels.prism import gpu_block_sizes, kernel_inputs  # noqa: E402
 from prism_jax.testing import assert_close  # noqa: E402
 
 C = 64
+TRITON_BS = gpu_block_sizes(C, interpret=True)  # the Triton kernels' interpret-mode tiling
 
 
 def _inputs(seed, B=2, T=2 * C, H=2, K=64, V=128, L=2, starts=(0, 45, 100)):
@@ -108,7 +109,7 @@ def test_output_matches_the_triton_kernel_in_interpret_mode(L):
   from prism_jax.ops import chunk_math as cm
   args = _output_inputs(5 + L, L=L)
   out = mosaic.output(*args, scale=0.2, interpret=True)
-  bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  bs = TRITON_BS
   ref = gk.output(*args, scale=0.2, bs=bs, precision=cm.BF16, interpret=True)
   assert out.shape == ref.shape and out.dtype == ref.dtype == jnp.bfloat16
   # Both round the same float32 products to bf16 at the end: the bf16 tolerance.
@@ -124,8 +125,7 @@ def test_output_lowers_for_cuda():
 
 def test_benchmark_entry_points_run():
   # `kernels.py --stages` times these beside the Triton kernels on the GPU.
-  from pallas_kernels.gpu.kernels import BlockSizes
-  bs = BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  bs = TRITON_BS
   calls = mosaic_calls(stage_calls(bs, 1, 2 * C, 1, 64, 2, interpret=True), interpret=True)
   assert set(calls) == {name + "_mosaic" for name in mosaic.STAGES if name != "wy_grads"}
   calls.update(mosaic_calls(stage_calls(bs, 1, 2 * C, 1, 64, 1, interpret=True),
@@ -165,7 +165,7 @@ def test_state_forward_matches_the_triton_kernel_in_interpret_mode(L, block_v):
   from prism_jax.ops import chunk_math as cm
   args = _state_inputs(11 + L, L=L)
   out = mosaic.state_forward(*args, block_v=block_v, interpret=True)
-  bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  bs = TRITON_BS
   ref = gk.state_forward(*args, bs=bs, precision=cm.BF16, interpret=True,
                          store_dtype=jnp.bfloat16)
   _assert_same(("h", "x", "final state"), out, ref)
@@ -233,7 +233,7 @@ def test_apply_inverse_matches_the_triton_kernel_in_interpret_mode(L):
   from pallas_kernels.gpu import kernels as gk
   from prism_jax.ops import chunk_math as cm
   k, v, beta, G, seq, prev, *_ = _state_inputs(31 + L, L=L)
-  bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  bs = TRITON_BS
   inv = gk.inverse(k, beta, G, seq, bs=bs, precision=cm.BF16, interpret=True,
                    store_dtype=jnp.bfloat16)
   args = (k, v, beta, G, seq, prev, inv)
@@ -266,7 +266,7 @@ def test_state_backward_matches_the_triton_kernel_in_interpret_mode(block_v):
   do = normal(43, (B, T, H, local.shape[-1]), jnp.bfloat16)
   args = (q, k, G, seq, prev, wk, do, local, dhT)
   out = mosaic.state_backward(*args, scale=0.3, block_v=block_v, interpret=True)
-  bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  bs = TRITON_BS
   ref = gk.state_backward(*args, scale=0.3, bs=bs, precision=cm.BF16, interpret=True,
                           store_dtype=jnp.bfloat16)
   _assert_same(("dh", "dX", "dS0"), out, ref)
@@ -322,7 +322,7 @@ def test_state_grads_matches_the_triton_kernel_in_interpret_mode(L, K):
   from prism_jax.ops import chunk_math as cm
   args = _grads_inputs(51 + L, L, K=K)
   out = mosaic.state_grads(*args, scale=0.3, interpret=True)
-  bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  bs = TRITON_BS
   ref = gk.state_grads(*args, scale=0.3, bs=bs, precision=cm.BF16, interpret=True)
   flat = lambda r: (r[0], *r[1], r[2], r[3])
   names = ("dq", *(f"dk{l}" for l in range(L)), "dX S^T", "dG")
@@ -351,7 +351,7 @@ def test_wy_grads_matches_the_triton_kernel_in_interpret_mode(K):
   dh = jnp.zeros((B, H, T // C * K, K), jnp.bfloat16)  # read only for further writes
   args = (k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, [dx], [dk_state])
   out = mosaic.wy_grads(*args, interpret=True)
-  bs = gk.BlockSizes(chunk=C, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
+  bs = TRITON_BS
   ref = gk.wy_grads(*args, bs=bs, precision=cm.BF16, solve=cm.BF16, interpret=True)
   for name, o, r in zip(("dk", "dv", "dbeta", "dG"), out, ref, strict=True):
     assert o.shape == r.shape and o.dtype == r.dtype, name
