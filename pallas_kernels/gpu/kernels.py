@@ -55,8 +55,9 @@ class BlockSizes:
   0.113 against 0.142 ms, local_dy 0.095 / 0.104, state_forward 0.155 / 0.169; apply_inverse and
   state_backward were slower, 0.155 / 0.113 and 0.240 / 0.229). inverse_diag: how the inverse
   kernel inverts its diagonal 16 × 16 blocks, "rows" (forward substitution, elementwise) or
-  "doubling" (`cm.unit_lower_inverse`). The defaults are the fastest measured on the H200
-  (RESULTS.md)."""
+  "doubling" (`cm.unit_lower_inverse`); inverse_block_k: key columns per step of the inverse
+  kernel's K¹K¹ᵀ products (0: the whole key width in one step). The defaults are the fastest
+  measured on the H200 (RESULTS.md)."""
   chunk: int = 64
   block_v: int = 64
   num_warps: int = 4
@@ -74,10 +75,11 @@ class BlockSizes:
   mosaic: tuple = ("state_forward", "output", "local_dy")
   mosaic_narrow: bool = False
   inverse_diag: str = "rows"
+  inverse_block_k: int = 0
 
   FIELDS = ("block_v", "num_warps", "num_stages", "block_k", "grads_num_warps", "seq_block_v",
             "seq_num_warps", "inverse_num_warps", "seq_min_programs", "seq_narrow_warps",
-            "chunk_block_v")
+            "chunk_block_v", "inverse_block_k")
 
   @classmethod
   def parse(cls, spec: str, chunk: int = 64) -> "BlockSizes":
@@ -109,8 +111,11 @@ class BlockSizes:
     if self.inverse_diag not in ("doubling", "rows"):
       raise ValueError(f'BlockSizes.inverse_diag must be "doubling" or "rows", '
                        f"got {self.inverse_diag!r}")
-    for name in ("chunk", "block_v", "block_k", "seq_block_v", "chunk_block_v"):
+    for name in ("chunk", "block_v", "block_k", "seq_block_v", "chunk_block_v",
+                 "inverse_block_k"):
       n = getattr(self, name)
+      if name == "inverse_block_k" and n == 0:
+        continue
       if n < 16 or n & (n - 1):
         raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {n}")
 
@@ -166,33 +171,45 @@ def pass_gates(G, seq, prev, C):
 SUB = 16  # rows of the sub-blocks the prepare kernel solves in (Triton's smallest dot)
 
 
-def _inverse_kernel(k1_ref, beta1_ref, G_ref, seq_ref, inv_ref, *, precision, solve, diag):
+def _inverse_kernel(k1_ref, beta1_ref, G_ref, seq_ref, inv_ref, *, precision, solve, diag,
+                    block_k):
   """(I + A)⁻¹ of one chunk, in SUB × SUB blocks.
 
   A whole C × C inverse by block doubling spends log₂ C levels of C³ products on blocks that
   are mostly zero; here the diagonal blocks are inverted alone (`cm.unit_lower_inverse` on
   SUB × SUB) and the others follow by block forward substitution,
-  X_ij = −X_ii Σ_{j≤m<i} A_im X_mj, every product SUB × SUB × SUB.
+  X_ij = −X_ii Σ_{j≤m<i} A_im X_mj, every product SUB × SUB × SUB. The key products K¹K¹ᵀ
+  are summed over key columns in blocks of block_k (all at once when it is the key width), so
+  only one block of keys is live at a time.
   """
   n = G_ref.shape[0] // SUB
+  K = k1_ref.shape[-1]
   rows = lambda i: pl.ds(i * SUB, SUB)
   f32 = lambda ref, i: ref[rows(i)].astype(jnp.float32)
+  pairs = [(i, j) for i in range(n) for j in range(i + 1)]
+
+  def key_products(c, acc):  # K¹K¹ᵀ blocks of key columns c: input dtype, exact bf16 products
+    k = [k1_ref[rows(i), pl.ds(c * block_k, block_k)] for i in range(n)]
+    return tuple(s + cm.mm(k[i], k[j], precision, tb=True) for s, (i, j) in zip(acc, pairs))
+
+  zeros = tuple(jnp.zeros((SUB, SUB), jnp.float32) for _ in pairs)
+  kk = (key_products(0, zeros) if block_k >= K
+        else jax.lax.fori_loop(0, K // block_k, key_products, zeros))
   G = [f32(G_ref, i) for i in range(n)]
   seq = [f32(seq_ref, i) for i in range(n)]
   below = (jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 0)
            > jax.lax.broadcasted_iota(jnp.int32, (SUB, SUB), 1))
-  k = [k1_ref[rows(i), :] for i in range(n)]  # input dtype (exact bf16 products)
   b1 = [f32(beta1_ref, i)[:, None] for i in range(n)]
 
-  def a(i, j):
+  def a(i, j, kk_ij):
     """Block (i, j) of A = strict(β¹ K¹K¹ᵀ ⊙ D)."""
     mask = seq[i][:, None] == seq[j][None, :]
     if i == j:
       mask = mask & below
     decay = jnp.exp(jnp.where(mask, G[i][:, None] - G[j][None, :], -jnp.inf))
-    return b1[i] * cm.mm(k[i], k[j], precision, tb=True) * decay
+    return b1[i] * kk_ij * decay
 
-  blocks = {(i, j): a(i, j) for i in range(n) for j in range(i + 1)}
+  blocks = {(i, j): a(i, j, s) for s, (i, j) in zip(kk, pairs)}
   inv = {}
   for i in range(n):
     inv[i, i] = (cm.unit_lower_inverse_rows(blocks[i, i]) if diag == "rows"
@@ -426,7 +443,7 @@ def inverse(k, beta, G, seq, *, bs: BlockSizes, precision, interpret, solve=cm.H
   at = lambda f: (lambda bh, n: f(bh // H, bh % H, n))
   return pl.pallas_call(
       functools.partial(_inverse_kernel, precision=precision, solve=solve,
-                        diag=bs.inverse_diag),
+                        diag=bs.inverse_diag, block_k=min(bs.inverse_block_k or K, K)),
       grid=(B * H, T // C),
       in_specs=[pl.BlockSpec((None, C, None, None, K), at(lambda b, h, n: (b, n, h, 0, 0))),
                 pl.BlockSpec((None, C, None, None), at(lambda b, h, n: (b, n, h, 0))),

@@ -44,16 +44,16 @@ def test_stage_calls_cover_every_kernel_in_order():
       assert out.dtype in (jnp.float32, jnp.bfloat16), (name, out.dtype)
 
 
-@pytest.mark.parametrize("dtype,L,diag", [(jnp.bfloat16, 1, "rows"), (jnp.bfloat16, 3, "doubling"),
-                                          (jnp.float32, 2, "rows")])
-def test_every_triton_kernel_lowers_for_the_h200(dtype, L, diag, monkeypatch):
+@pytest.mark.parametrize("dtype,L,diag,inverse_block_k", [
+    (jnp.bfloat16, 1, "rows", 0), (jnp.bfloat16, 3, "doubling", 32), (jnp.float32, 2, "rows", 0)])
+def test_every_triton_kernel_lowers_for_the_h200(dtype, L, diag, inverse_block_k, monkeypatch):
   """Each Triton-backend kernel lowers to Triton IR for an H200 on this CPU (the lowering only
   needs the GPU's description): a primitive the Triton lowering lacks fails here, not on the
   device."""
   from jax._src.pallas.triton import gpu_info, pallas_call_registration
   h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
   monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h200)
-  bs = BlockSizes(chunk=CHUNK, inverse_diag=diag)
+  bs = BlockSizes(chunk=CHUNK, inverse_diag=diag, inverse_block_k=inverse_block_k)
   for name, (fn, args) in stage_calls(bs, 1, 2 * CHUNK, 2, 128, L, dtype=dtype).items():
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "prism_" + name in text, name

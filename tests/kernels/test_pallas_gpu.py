@@ -78,10 +78,11 @@ def test_float16_inputs_match_naive_to_the_float16_tolerance():
                       interpret=INTERPRET, seed=5)
 
 
-@pytest.mark.parametrize("diag", ["doubling", "rows"])
-def test_inverse_kernel_equals_the_float64_inverse(diag):
+@pytest.mark.parametrize("diag,block_k", [("doubling", 0), ("rows", 0), ("rows", 16)])
+def test_inverse_kernel_equals_the_float64_inverse(diag, block_k):
   """Both ways of inverting the diagonal 16 × 16 blocks give every chunk's (I + A)⁻¹ to float32
-  accuracy, segment boundaries included (A = strict(β K¹K¹ᵀ ⊙ D), D zero across segments)."""
+  accuracy, segment boundaries included (A = strict(β K¹K¹ᵀ ⊙ D), D zero across segments),
+  with K¹K¹ᵀ formed in one step or summed over blocks of 16 key columns."""
   import numpy as np
   from pallas_kernels.gpu import kernels as gk
   from pallas_kernels.prism import kernel_inputs
@@ -93,7 +94,7 @@ def test_inverse_kernel_equals_the_float64_inverse(diag):
   g = np.log(rng.uniform(0.8, 1.0, (B, T, H)))
   segment_ids = np.cumsum(rng.uniform(size=(B, T)) < 0.03, axis=1)
   G, seq, prev = kernel_inputs(jnp.asarray(g, jnp.float32), jnp.asarray(segment_ids), B, T, C)
-  bs = gk.BlockSizes(chunk=C, inverse_diag=diag)
+  bs = gk.BlockSizes(chunk=C, inverse_diag=diag, inverse_block_k=block_k)
   inv = gk.inverse(jnp.asarray(k, jnp.float32), jnp.asarray(beta, jnp.float32), G, seq, bs=bs,
                    precision=None, interpret=INTERPRET)
   G, seq = np.asarray(G, np.float64), np.asarray(seq)
