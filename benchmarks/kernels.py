@@ -284,6 +284,14 @@ def mosaic_calls(calls, interpret=False, pass_block_v=64):
     if "block_v" in params:
       kw["block_v"] = pass_block_v
     out[stage + "_mosaic"] = (jax.jit(functools.partial(fn, **kw)), calls[stage][1])
+  if L == 1:  # the pass that forms U and Wk itself, in place of apply_inverse + state_forward
+    k, v, beta, G, seq, prev, inv = calls["apply_inverse"][1]
+    state = calls["state_forward"][1][-1]
+    for residuals, name in ((True, "wy_state_forward_mosaic"),
+                            (False, "wy_state_forward_inference_mosaic")):
+      fn = functools.partial(mosaic.wy_state_forward, residuals=residuals, chunk=CHUNK,
+                             block_v=pass_block_v, interpret=interpret)
+      out[name] = (jax.jit(fn), (k, v, beta, G, seq, prev, inv, state))
   return out
 
 

@@ -405,6 +405,105 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
   )(k, v, _head_major(beta), to_end, gamma_rows, u, wk, h0)
 
 
+def wy_state_forward(k, v, beta, G, seq, prev, inv, h0, *, residuals, block_v=64, chunk=64,
+                     interpret=False):
+  """The pass over chunks at L = 1 forming U and Wk itself, in place of `apply_inverse` followed
+  by `state_forward`: h [B,H,N·K,V], X [B,T,H,V] and the final state as `state_forward` gives
+  them, and with residuals also U [B,T,H,V] float32 and Wk [B,T,H,K] (what the backward
+  reads). k [B,T,H,1,K], v [B,T,H,1,V], beta [B,T,H,1] and the rows of every chunk's
+  (I + A)⁻¹ [B,T,H,C] in one 16-bit dtype; h0 [B,H,K,V] float32.
+
+  Per chunk, before the state is needed: Bk = β¹γ ⊙ K¹ and R = β¹ ⊙ V¹ go to shared memory in
+  the input type, Wk = (I + A)⁻¹ Bk (rounded to it, as `apply_inverse` stores it) and
+  U = (I + A)⁻¹ R (float32, in registers), so X = U − Wk S is the same sum as through the two
+  kernels. What this saves is the round trip of U and Wk through global memory (at bf16
+  K = V = 128, 6 bytes per position and value column) and a launch; what it costs is Wk formed
+  once per value block instead of once per chunk.
+  """
+  B, T, H, L, K = k.shape
+  _check("state_forward", jax.ShapeDtypeStruct((B, T, H, K), k.dtype), k, v, chunk)
+  if L != 1:
+    raise ValueError(f"mosaic.wy_state_forward: L = {L} (it forms U for one write only)")
+  V, C, dtype = v.shape[-1], chunk, k.dtype
+  BV, N, gamma, to_end, gamma_rows = _pass_gates("wy_state_forward", G, seq, prev, K, V, C,
+                                                 block_v)
+  operand = _pass_operand(BV, dtype)
+  per_chunk = 7  # TMA copies per chunk: (I + A)⁻¹, K¹, V¹, β¹, γ, e, γ_C
+
+  def body(k_gmem, v_gmem, beta_gmem, gamma_gmem, e_gmem, gl_gmem, inv_gmem, h0_gmem, *rest):
+    outs, rest = (rest[:5], rest[5:]) if residuals else (rest[:3] + (None, None), rest[3:])
+    h_gmem, x_gmem, hT_gmem, u_gmem, wk_gmem = outs
+    (inv_smem, k_smem, v_smem, vec_smem, e_smem, gl_smem, bk_smem, r_smem, wk_smem, s_smem,
+     ey_smem, x_smem, u_out, f32_smem, bar, bar0) = rest
+    j, bh = lax.axis_index("j"), lax.axis_index("bh")
+    b, hd = bh // H, bh % H
+    cols = pl.ds(j * BV, BV)
+
+    def fetch(n, slot):
+      rows = pl.ds(n * C, C)
+      copies = [(inv_gmem.at[b, rows, hd], inv_smem.at[slot]),
+                (k_gmem.at[b, rows, hd, 0], k_smem.at[slot]),
+                (v_gmem.at[b, rows, hd, 0, cols], v_smem.at[slot]),
+                (beta_gmem.at[b, hd, 0, rows], vec_smem.at[slot, 0]),
+                (gamma_gmem.at[b, hd, rows], vec_smem.at[slot, 1]),
+                (e_gmem.at[b, hd, rows], e_smem.at[slot]),
+                (gl_gmem.at[b, hd, n], gl_smem.at[slot])]
+      assert len(copies) == per_chunk
+      _start_copies(copies, bar, slot * per_chunk)
+
+    def step(n, state):
+      slot = lax.rem(n, 2)
+      _prefetch_and_wait(n + 1 < N, lambda: fetch(n + 1, 1 - slot), bar, slot, per_chunk)
+      rows = pl.ds(n * C, C)
+      b1 = _rows(vec_smem.at[slot, 0])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's Wk store has read
+      bk_smem[...] = (_on_rows(b1 * _rows(vec_smem.at[slot, 1]), K)
+                      * k_smem[slot].astype(jnp.float32)).astype(dtype)
+      r_smem[...] = (_on_rows(b1, BV) * v_smem[slot].astype(jnp.float32)).astype(dtype)
+      plgpu.commit_smem()  # the tensor cores read Bk and R through the async proxy
+      wk_smem[...] = _product(inv_smem.at[slot], bk_smem, (C, K)).astype(dtype)
+      u = _product(inv_smem.at[slot], r_smem, (C, BV))
+      if residuals:
+        u_out[...] = u
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(u_out, u_gmem.at[b, rows, hd, cols])
+
+        @pl.when(j == 0)  # Wk does not depend on the value block
+        def _():
+          plgpu.copy_smem_to_gmem(wk_smem, wk_gmem.at[b, rows, hd])
+      # The state entering the chunk, as the operand of Wk S and the saved h (this store's
+      # fence also publishes Wk to the tensor cores).
+      _store(state, s_smem, h_gmem.at[b, hd, pl.ds(n * K, K), cols])
+      x = u - _product(wk_smem, s_smem, (C, BV))
+      x_smem[...] = x.astype(dtype)
+      ey_smem[...] = (_on_rows(_rows(e_smem.at[slot]), BV) * x).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(x_smem, x_gmem.at[b, rows, hd, cols])
+      return _carry(state, gl_smem.at[slot], [(k_smem.at[slot].transpose((1, 0)), ey_smem)])
+
+    fetch(0, 0)
+    _pass(N, step, f32_smem, h0_gmem.at[b, hd, :, cols], hT_gmem.at[b, hd, :, cols], bar0)
+
+  out_type = [jax.ShapeDtypeStruct((B, H, N * K, V), dtype),
+              jax.ShapeDtypeStruct((B, T, H, V), dtype),
+              jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)]
+  if residuals:
+    out_type += [jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
+                 jax.ShapeDtypeStruct((B, T, H, K), dtype)]
+  return plgpu.kernel(
+      body,
+      out_type=out_type,
+      scratch_types=[operand((2, C, C)), operand((2, C, K)), operand((2, C, BV)),
+                     plgpu.SMEM((2, 2, C), jnp.float32), plgpu.SMEM((2, C), jnp.float32),
+                     plgpu.SMEM((2, K), jnp.float32), operand((C, K)), operand((C, BV)),
+                     operand((C, K)), operand((K, BV)), operand((C, BV)), operand((C, BV)),
+                     plgpu.SMEM((C, BV), jnp.float32), plgpu.SMEM((K, BV), jnp.float32),
+                     plgpu.Barrier(num_barriers=2 * per_chunk), plgpu.Barrier(num_barriers=1)],
+      grid=(V // BV, B * H), grid_names=("j", "bh"), interpret=_interpret(interpret),
+      kernel_name="prism_wy_state_forward_mosaic",
+  )(k, v, _head_major(beta), gamma, to_end, gamma_rows, inv, h0)
+
+
 def apply_inverse(k, v, beta, G, seq, prev, inv, *, chunk=64, interpret=False):
   """U [B,T,H,V] float32 and Wk [B,T,H,K] in the input dtype, as `kernels.apply_inverse`: k
   [B,T,H,L,K], v [B,T,H,L,V], beta [B,T,H,L] and the rows of every chunk's (I + A)⁻¹
