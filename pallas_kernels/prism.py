@@ -130,11 +130,12 @@ def _run_kernels(q, k, v, beta, g, h0, segment_ids, *, scale, chunk, backend, in
 def gpu_block_sizes(chunk: int, interpret: bool):
   """GPU tiling: PRISM_GPU_BLOCKS (the format of `BlockSizes.parse`) overrides the default, for
   tuning runs; PRISM_MOSAIC_STAGES (a comma list from `gpu.mosaic.STAGES`, "all" or "none";
-  adding "narrow" sets `BlockSizes.mosaic_narrow`) replaces the stages that run on their Mosaic
-  GPU versions where they take the shapes. Interpret mode
-  splits V and K into blocks of 16 (32 in the passes over chunks) so CPU tests cover the loops
-  over column blocks and the key-block partial sums, and keeps every stage on the Triton kernels
-  unless PRISM_MOSAIC_STAGES names some (the Mosaic versions have their own interpret tests)."""
+  adding "narrow" sets `BlockSizes.mosaic_narrow`, "wy_pass" `BlockSizes.mosaic_wy_pass`)
+  replaces the stages that run on their Mosaic GPU versions where they take the shapes.
+  Interpret mode splits V and K into blocks of 16 (32 in the passes over chunks) so CPU tests
+  cover the loops over column blocks and the key-block partial sums, and keeps every stage on
+  the Triton kernels unless PRISM_MOSAIC_STAGES names some (the Mosaic versions have their own
+  interpret tests)."""
   from pallas_kernels.gpu.kernels import BlockSizes
   spec = os.environ.get("PRISM_GPU_BLOCKS")
   if spec:
@@ -146,12 +147,14 @@ def gpu_block_sizes(chunk: int, interpret: bool):
   if stages:
     from pallas_kernels.gpu.mosaic import STAGES
     words = [x.strip() for x in stages.split(",") if x.strip() not in ("", "none")]
-    names = tuple(STAGES if "all" in words else (x for x in words if x != "narrow"))
+    flags = ("narrow", "wy_pass")
+    names = tuple(STAGES if "all" in words else (x for x in words if x not in flags))
     if not set(names) <= set(STAGES):
       raise ValueError(f"PRISM_MOSAIC_STAGES={stages!r}: unknown stage "
                        f"{sorted(set(names) - set(STAGES))}; Mosaic GPU stages are {STAGES} "
-                       '(or "all", "none", "narrow")')
-    bs = dataclasses.replace(bs, mosaic=names, mosaic_narrow="narrow" in words)
+                       '(or "all", "none", "narrow", "wy_pass")')
+    bs = dataclasses.replace(bs, mosaic=names, mosaic_narrow="narrow" in words,
+                             mosaic_wy_pass="wy_pass" in words)
   return bs
 
 

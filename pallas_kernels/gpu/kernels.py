@@ -55,9 +55,10 @@ class BlockSizes:
   0.113 against 0.142 ms, local_dy 0.095 / 0.104, state_forward 0.155 / 0.169; apply_inverse and
   state_backward were slower, 0.155 / 0.113 and 0.240 / 0.229). inverse_diag: how the inverse
   kernel inverts its diagonal 16 × 16 blocks, "rows" (forward substitution, elementwise) or
-  "doubling" (`cm.unit_lower_inverse`); inverse_block_k: key columns per step of the inverse
-  kernel's K¹K¹ᵀ products (0: the whole key width in one step). The defaults are the fastest
-  measured on the H200 (RESULTS.md)."""
+  "doubling" (`cm.unit_lower_inverse`); mosaic_wy_pass: at L = 1 with the state pass on Mosaic
+  GPU, that pass forms U and Wk itself (`mosaic.wy_state_forward`) in place of apply_inverse;
+  inverse_block_k: key columns per step of the inverse kernel's K¹K¹ᵀ products (0: the whole
+  key width in one step). The defaults are the fastest measured on the H200 (RESULTS.md)."""
   chunk: int = 64
   block_v: int = 64
   num_warps: int = 4
@@ -74,6 +75,7 @@ class BlockSizes:
   kernel_stages: tuple = ()
   mosaic: tuple = ("state_forward", "output", "local_dy")
   mosaic_narrow: bool = False
+  mosaic_wy_pass: bool = False
   inverse_diag: str = "rows"
   inverse_block_k: int = 0
 

@@ -52,7 +52,7 @@ def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interp
   position and of the state entering its chunk; h0 [B,H,K,V] float32.
   Returns (o [B,T,H,V] in q's dtype, final state [B,H,K,V] float32).
   """
-  o, hT, _ = _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret)
+  o, hT, _ = _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret, residuals=False)
   return o, hT
 
 
@@ -88,15 +88,30 @@ def _stage(stage, bs, q, k, v, interpret, triton_kw):
   return functools.partial(getattr(mosaic, stage), **kw)
 
 
-def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret):
+def _wy_pass(bs, q, k, v):
+  """Whether the forward runs `mosaic.wy_state_forward` (the pass that forms U and Wk itself) in
+  place of apply_inverse and state_forward: L = 1, bs.mosaic_wy_pass and the state pass on
+  Mosaic GPU."""
+  return bs.mosaic_wy_pass and k.shape[3] == 1 and _on_mosaic(bs, "state_forward", q, k, v)
+
+
+def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret, residuals=True):
+  """o, the final state and (with residuals) what the backward reads; without residuals U and
+  Wk are None where the forward did not need them stored."""
   kw = dict(bs=bs.fitted(q.dtype, k.shape[3]), precision=operand_precision(q.dtype),
             interpret=interpret)
   store = store_dtype(q.dtype)
   stage = lambda name, **extra: _stage(name, bs, q, k, v, interpret, {**kw, **extra})
   inv = kernels.inverse(k, beta, G, seq, solve=cm.HIGHEST, store_dtype=store, **kw)
-  u, wk = stage("apply_inverse", solve=kw["precision"], store_dtype=store)(
-      k, v, beta, G, seq, prev, inv)
-  h, x, hT = stage("state_forward", store_dtype=store)(k, v, beta, G, seq, prev, u, wk, h0)
+  if _wy_pass(bs, q, k, v):
+    h, x, hT, *uw = mosaic.wy_state_forward(
+        k, v, beta, G, seq, prev, inv, h0, residuals=residuals, block_v=_pass_block_v(bs, q, v),
+        chunk=bs.chunk, interpret=interpret)
+    u, wk = uw or (None, None)
+  else:
+    u, wk = stage("apply_inverse", solve=kw["precision"], store_dtype=store)(
+        k, v, beta, G, seq, prev, inv)
+    h, x, hT = stage("state_forward", store_dtype=store)(k, v, beta, G, seq, prev, u, wk, h0)
   o = stage("output")(q, k, v, beta, G, seq, prev, x, h, scale=scale)
   return o, hT, (q, k, v, beta, G, seq, prev, inv, u, wk, x, h)
 

@@ -181,6 +181,37 @@ def test_state_forward_lowers_for_cuda(block_v):
   assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("block_v", [64, 32])
+def test_wy_state_forward_matches_apply_then_state_forward(block_v):
+  """The pass forming U and Wk itself gives the states, X and final state of apply_inverse then
+  state_forward (Triton kernels), and, with residuals, their U and Wk."""
+  from pallas_kernels.gpu import kernels as gk
+  from prism_jax.ops import chunk_math as cm
+  k, v, beta, G, seq, prev, _, _, h0 = _state_inputs(41, L=1)
+  kw = dict(bs=TRITON_BS, precision=cm.BF16, interpret=True, store_dtype=jnp.bfloat16)
+  inv = gk.inverse(k, beta, G, seq, **kw)
+  u, wk = gk.apply_inverse(k, v, beta, G, seq, prev, inv, solve=cm.BF16, **kw)
+  ref = gk.state_forward(k, v, beta, G, seq, prev, u, wk, h0, **kw)
+  args = (k, v, beta, G, seq, prev, inv, h0)
+  out = mosaic.wy_state_forward(*args, residuals=True, block_v=block_v, interpret=True)
+  _assert_same(("h", "x", "final state", "u", "wk"), out, tuple(ref) + (u, wk))
+  alone = mosaic.wy_state_forward(*args, residuals=False, block_v=block_v, interpret=True)
+  _assert_same(("h", "x", "final state"), alone, out[:3])
+
+
+def test_wy_state_forward_lowers_for_cuda_and_takes_one_write():
+  pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
+  k, v, beta, G, seq, prev, _, _, h0 = _state_inputs(15, K=128, V=128, L=1)
+  inv = jnp.zeros(k.shape[:3] + (C,), k.dtype)
+  for residuals, block_v in ((True, 64), (True, 32), (False, 64)):
+    fn = jax.jit(lambda *a: mosaic.wy_state_forward(*a, residuals=residuals, block_v=block_v))
+    lowered = fn.trace(k, v, beta, G, seq, prev, inv, h0).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+  k2, v2, beta2 = (jnp.concatenate([x, x], axis=3) for x in (k, v, beta))
+  with pytest.raises(ValueError, match="L = 2"):
+    mosaic.wy_state_forward(k2, v2, beta2, G, seq, prev, inv, h0, residuals=True)
+
+
 def _primitive_names(jaxpr):
   names = []
   for eqn in jaxpr.eqns:
@@ -216,6 +247,34 @@ def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, dtype, monkeypatch):
   assert not on_mosaic & names, names
   assert {name + "_mosaic" for name in on_mosaic} | {"prism_inverse"} <= names, names
   assert L == 1 or "prism_wy_grads" in names
+
+
+def test_wy_pass_matches_naive_with_and_without_residuals(monkeypatch):
+  """At L = 1 `wy_state_forward` (the pass forming U and Wk itself) replaces apply_inverse and
+  the state pass: the training forward, which also stores U and Wk for the backward, and the
+  forward alone, which does not, both match the sequential reference, gradients included."""
+  from kernel_checks import _reference_in_pieces, check_against_naive, random_case
+  from pallas_kernels import pallas_prism
+  monkeypatch.setenv("PRISM_MOSAIC_STAGES", "all,wy_pass")
+  monkeypatch.setenv("PRISM_GPU_BLOCKS", "16,4,3,16,4,32,8,2,1,4,16")  # 32-column passes
+  case = (1, 150, 2, 64, 64, 1, C, True, True, jnp.bfloat16)  # T padded, segments, S₀
+  check_against_naive(case, backend="gpu", interpret=True, seed=31)
+  (q, k, v, beta, g, s0), segment_ids, do, ds = random_case(case, 32)
+  run = lambda q, k, v, beta, g: pallas_prism(
+      q, k, v, beta, g, initial_state=s0, output_final_state=True, segment_ids=segment_ids,
+      chunk_size=C, interpret=True, backend="gpu")
+  o, final = jax.jit(run)(q, k, v, beta, g)
+  up = tuple(x.astype(jnp.float32) for x in (q, k, v, beta, g, s0))
+  o_ref, final_ref, _ = _reference_in_pieces(up, segment_ids, do, ds)
+  assert_close("o", o_ref, o)
+  assert_close("final_state", final_ref, final, 5e-3)
+  primal = set(_primitive_names(jax.make_jaxpr(run)(q, k, v, beta, g).jaxpr))
+  loss = lambda *a: run(*a)[0].astype(jnp.float32).sum()
+  grad = set(_primitive_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(
+      q, k, v, beta, g).jaxpr))
+  for names in (primal, grad):
+    assert "prism_wy_state_forward_mosaic" in names, names
+    assert not {n for n in names if "apply_inverse" in n or "prism_state_forward" in n}, names
 
 
 def test_unknown_mosaic_stage_is_named(monkeypatch):
