@@ -99,8 +99,11 @@ def _reference_in_pieces(inputs, segment_ids, do, ds):
   return o, final, tuple(grads)
 
 
-def check_against_naive(case, *, backend, interpret, backward="pallas", seed=0):
-  """Kernel outputs, final state and every gradient against `naive_prism` in float32.
+def check_against_naive(case, *, backend, interpret, backward="pallas", seed=0,
+                        forward_alone=False):
+  """Kernel outputs, final state and every gradient against `naive_prism` in float32;
+  forward_alone: also the outputs of the forward run without a backward (the custom_vjp's
+  primal, which need not store what the backward reads).
 
   The reference runs on the float32 upcast of the (possibly bf16) inputs, so a bf16 kernel
   result differs from it by its own rounding only: the bf16 tolerance of STYLE.md applies.
@@ -125,3 +128,9 @@ def check_against_naive(case, *, backend, interpret, backward="pallas", seed=0):
   for name, ref, got in zip(("dq", "dk", "dv", "dbeta", "dg", "dinitial_state"), grads_ref, grads):
     assert got.dtype == (jnp.float32 if name == "dinitial_state" else inputs[0].dtype), name
     assert_close(name, ref, got.astype(jnp.float32), tol)
+  if forward_alone:
+    q, k, v, beta, g, s0 = inputs
+    o, final = quick_jit(lambda *a: kernel(*a, initial_state=s0, output_final_state=True,
+                                           segment_ids=segment_ids))(q, k, v, beta, g)
+    assert_close("o (forward alone)", o_ref, o)
+    assert_close("final_state (forward alone)", final_ref, final, tol)

@@ -253,21 +253,16 @@ def test_wy_pass_matches_naive_with_and_without_residuals(monkeypatch):
   """At L = 1 `wy_state_forward` (the pass forming U and Wk itself) replaces apply_inverse and
   the state pass: the training forward, which also stores U and Wk for the backward, and the
   forward alone, which does not, both match the sequential reference, gradients included."""
-  from kernel_checks import _reference_in_pieces, check_against_naive, random_case
+  from kernel_checks import check_against_naive, random_case
   from pallas_kernels import pallas_prism
   monkeypatch.setenv("PRISM_MOSAIC_STAGES", "all,wy_pass")
   monkeypatch.setenv("PRISM_GPU_BLOCKS", "16,4,3,16,4,32,8,2,1,4,16")  # 32-column passes
   case = (1, 150, 2, 64, 64, 1, C, True, True, jnp.bfloat16)  # T padded, segments, S₀
-  check_against_naive(case, backend="gpu", interpret=True, seed=31)
-  (q, k, v, beta, g, s0), segment_ids, do, ds = random_case(case, 32)
+  check_against_naive(case, backend="gpu", interpret=True, seed=31, forward_alone=True)
+  (q, k, v, beta, g, s0), segment_ids, _, _ = random_case(case, 32)
   run = lambda q, k, v, beta, g: pallas_prism(
       q, k, v, beta, g, initial_state=s0, output_final_state=True, segment_ids=segment_ids,
       chunk_size=C, interpret=True, backend="gpu")
-  o, final = jax.jit(run)(q, k, v, beta, g)
-  up = tuple(x.astype(jnp.float32) for x in (q, k, v, beta, g, s0))
-  o_ref, final_ref, _ = _reference_in_pieces(up, segment_ids, do, ds)
-  assert_close("o", o_ref, o)
-  assert_close("final_state", final_ref, final, 5e-3)
   primal = set(_primitive_names(jax.make_jaxpr(run)(q, k, v, beta, g).jaxpr))
   loss = lambda *a: run(*a)[0].astype(jnp.float32).sum()
   grad = set(_primitive_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(

@@ -52,12 +52,16 @@ def test_float32_at_head_dim_128_falls_back_once_and_matches():
     ("all,narrow", None, (2, 300, 4, 128, 128, 1, 64, True, True, jnp.bfloat16)),
     # Six stages (the WY side takes one write), the passes at 64 columns.
     ("all", "64,4,3,64,4,64,8,2,1", (1, 200, 2, 64, 64, 2, 64, True, True, jnp.bfloat16)),
-], ids=["L1-narrow", "L2-wide"])
+    # The pass forming U and Wk itself at L = 1, with and without the backward's residuals.
+    ("all,wy_pass", "64,4,3,64,4,64,8,2,1",
+     (2, 300, 4, 128, 128, 1, 64, True, True, jnp.bfloat16)),
+], ids=["L1-narrow", "L2-wide", "L1-wy-pass"])
 def test_compiled_mosaic_stages_match_naive(stages, blocks, case, monkeypatch):
   monkeypatch.setenv("PRISM_MOSAIC_STAGES", stages)
   if blocks:
     monkeypatch.setenv("PRISM_GPU_BLOCKS", blocks)
-  check_against_naive(case, backend="gpu", interpret=False, seed=9)
+  check_against_naive(case, backend="gpu", interpret=False, seed=9,
+                      forward_alone="wy_pass" in stages)
 
 
 @pytest.mark.slow
