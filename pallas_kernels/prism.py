@@ -130,7 +130,7 @@ def _run_kernels(q, k, v, beta, g, h0, segment_ids, *, scale, chunk, backend, in
 def gpu_block_sizes(chunk: int, interpret: bool):
   """GPU tiling: PRISM_GPU_BLOCKS (the format of `BlockSizes.parse`) overrides the default, for
   tuning runs; PRISM_MOSAIC_STAGES (a comma list from `gpu.mosaic.STAGES`, "all" or "none";
-  adding "narrow" sets `BlockSizes.mosaic_narrow`, "wy_pass" `BlockSizes.mosaic_wy_pass`)
+  adding "narrow" sets `BlockSizes.mosaic_narrow`, "wy_pass" `BlockSizes.wy_pass`)
   replaces the stages that run on their Mosaic GPU versions where they take the shapes.
   Interpret mode splits V and K into blocks of 16 (32 in the passes over chunks) so CPU tests
   cover the loops over column blocks and the key-block partial sums, and keeps every stage on
@@ -154,7 +154,7 @@ def gpu_block_sizes(chunk: int, interpret: bool):
                        f"{sorted(set(names) - set(STAGES))}; Mosaic GPU stages are {STAGES} "
                        '(or "all", "none", "narrow", "wy_pass")')
     bs = dataclasses.replace(bs, mosaic=names, mosaic_narrow="narrow" in words,
-                             mosaic_wy_pass="wy_pass" in words)
+                             wy_pass="wy_pass" in words)
   return bs
 
 

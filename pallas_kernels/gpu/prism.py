@@ -88,11 +88,17 @@ def _stage(stage, bs, q, k, v, interpret, triton_kw):
   return functools.partial(getattr(mosaic, stage), **kw)
 
 
-def _wy_pass(bs, q, k, v):
-  """Whether the forward runs `mosaic.wy_state_forward` (the pass that forms U and Wk itself) in
-  place of apply_inverse and state_forward: L = 1, bs.mosaic_wy_pass and the state pass on
-  Mosaic GPU."""
-  return bs.mosaic_wy_pass and k.shape[3] == 1 and _on_mosaic(bs, "state_forward", q, k, v)
+def _wy_pass(bs, q, k, v, residuals, interpret, kw):
+  """The pass that forms U and Wk itself (`wy_state_forward`, on Mosaic GPU where the state
+  pass would be), called on (k, v, beta, G, seq, prev, inv, h0); None unless bs.wy_pass and
+  L = 1, where apply_inverse then state_forward run."""
+  if not (bs.wy_pass and k.shape[3] == 1):
+    return None
+  if _on_mosaic(bs, "state_forward", q, k, v):
+    return functools.partial(mosaic.wy_state_forward, residuals=residuals, chunk=bs.chunk,
+                             block_v=_pass_block_v(bs, q, v), interpret=interpret)
+  return functools.partial(kernels.wy_state_forward, residuals=residuals,
+                           store_dtype=store_dtype(q.dtype), **kw)
 
 
 def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret, residuals=True):
@@ -103,10 +109,9 @@ def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret, residuals=Tr
   store = store_dtype(q.dtype)
   stage = lambda name, **extra: _stage(name, bs, q, k, v, interpret, {**kw, **extra})
   inv = kernels.inverse(k, beta, G, seq, solve=cm.HIGHEST, store_dtype=store, **kw)
-  if _wy_pass(bs, q, k, v):
-    h, x, hT, *uw = mosaic.wy_state_forward(
-        k, v, beta, G, seq, prev, inv, h0, residuals=residuals, block_v=_pass_block_v(bs, q, v),
-        chunk=bs.chunk, interpret=interpret)
+  wy_pass = _wy_pass(bs, q, k, v, residuals, interpret, kw)
+  if wy_pass:
+    h, x, hT, *uw = wy_pass(k, v, beta, G, seq, prev, inv, h0)
     u, wk = uw or (None, None)
   else:
     u, wk = stage("apply_inverse", solve=kw["precision"], store_dtype=store)(

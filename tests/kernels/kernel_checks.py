@@ -99,6 +99,29 @@ def _reference_in_pieces(inputs, segment_ids, do, ds):
   return o, final, tuple(grads)
 
 
+def launched_kernels(jaxpr) -> list:
+  """Names of the kernels in a jaxpr (pallas_calls, and the mpmd_maps of Mosaic GPU kernels),
+  inner jaxprs too, in order."""
+  names = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("pallas_call", "mpmd_map"):
+      names.append(eqn.params["name"])
+    for p in eqn.params.values():
+      for inner in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          names.extend(launched_kernels(inner))
+  return names
+
+
+def forward_and_grad_kernels(run, args) -> tuple[set, set]:
+  """The kernels `run(*args)` (returning (o, final state)) launches alone and under jax.grad."""
+  loss = lambda *a: run(*a)[0].astype(jnp.float32).sum()
+  alone = set(launched_kernels(jax.make_jaxpr(run)(*args).jaxpr))
+  grad = jax.make_jaxpr(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+  return alone, set(launched_kernels(grad.jaxpr))
+
+
 def check_against_naive(case, *, backend, interpret, backward="pallas", seed=0,
                         forward_alone=False):
   """Kernel outputs, final state and every gradient against `naive_prism` in float32;

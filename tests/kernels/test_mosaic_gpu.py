@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.kernels import mosaic_calls, stage_calls  # noqa: E402
+from benchmarks.kernels import WY_PASS, mosaic_calls, stage_calls, wy_pass_calls  # noqa: E402
 from host_random import normal  # noqa: E402
 from pallas_kernels.gpu import mosaic  # noqa: E402
 from pallas_kernels.prism import gpu_block_sizes, kernel_inputs  # noqa: E402
@@ -130,9 +130,12 @@ def test_benchmark_entry_points_run():
   assert set(calls) == {name + "_mosaic" for name in mosaic.STAGES if name != "wy_grads"}
   calls.update(mosaic_calls(stage_calls(bs, 1, 2 * C, 1, 64, 1, interpret=True),
                             interpret=True))
-  # wy_grads and the pass forming U and Wk: L = 1 only
-  assert set(calls) == ({name + "_mosaic" for name in mosaic.STAGES}
-                        | {"wy_state_forward_mosaic", "wy_state_forward_inference_mosaic"})
+  assert set(calls) == {name + "_mosaic" for name in mosaic.STAGES}  # wy_grads: L = 1 only
+  l1 = stage_calls(bs, 1, 2 * C, 1, 64, 1, interpret=True)
+  assert not wy_pass_calls(stage_calls(bs, 1, 2 * C, 1, 64, 2, interpret=True), bs, True)
+  wy = wy_pass_calls(l1, bs, interpret=True, pass_block_v=32)
+  assert set(wy) == set(WY_PASS)
+  calls.update(wy)
   for name, (fn, args) in calls.items():
     for out in jax.tree.leaves(fn(*args)):
       assert np.all(np.isfinite(np.asarray(out, np.float32))), name
@@ -183,8 +186,9 @@ def test_state_forward_lowers_for_cuda(block_v):
 
 @pytest.mark.parametrize("block_v", [64, 32])
 def test_wy_state_forward_matches_apply_then_state_forward(block_v):
-  """The pass forming U and Wk itself gives the states, X and final state of apply_inverse then
-  state_forward (Triton kernels), and, with residuals, their U and Wk."""
+  """The pass forming U and Wk itself, Mosaic GPU and Triton, gives the states, X and final
+  state of apply_inverse then state_forward (Triton kernels), and, with residuals, their U and
+  Wk."""
   from pallas_kernels.gpu import kernels as gk
   from prism_jax.ops import chunk_math as cm
   k, v, beta, G, seq, prev, _, _, h0 = _state_inputs(41, L=1)
@@ -193,10 +197,16 @@ def test_wy_state_forward_matches_apply_then_state_forward(block_v):
   u, wk = gk.apply_inverse(k, v, beta, G, seq, prev, inv, solve=cm.BF16, **kw)
   ref = gk.state_forward(k, v, beta, G, seq, prev, u, wk, h0, **kw)
   args = (k, v, beta, G, seq, prev, inv, h0)
+  names = ("h", "x", "final state", "u", "wk")
   out = mosaic.wy_state_forward(*args, residuals=True, block_v=block_v, interpret=True)
-  _assert_same(("h", "x", "final state", "u", "wk"), out, tuple(ref) + (u, wk))
+  _assert_same(names, out, tuple(ref) + (u, wk))
   alone = mosaic.wy_state_forward(*args, residuals=False, block_v=block_v, interpret=True)
-  _assert_same(("h", "x", "final state"), alone, out[:3])
+  _assert_same(names[:3], alone, out[:3])
+  bs = dataclasses.replace(TRITON_BS, seq_block_v=block_v)  # the Triton version of the pass
+  triton = gk.wy_state_forward(*args, residuals=True, **{**kw, "bs": bs})
+  _assert_same(names, triton, tuple(ref) + (u, wk))
+  _assert_same(names[:3], gk.wy_state_forward(*args, residuals=False, **{**kw, "bs": bs}),
+               triton[:3])
 
 
 def test_wy_state_forward_lowers_for_cuda_and_takes_one_write():
@@ -212,21 +222,9 @@ def test_wy_state_forward_lowers_for_cuda_and_takes_one_write():
     mosaic.wy_state_forward(k2, v2, beta2, G, seq, prev, inv, h0, residuals=True)
 
 
-def _primitive_names(jaxpr):
-  names = []
-  for eqn in jaxpr.eqns:
-    names.append(eqn.params.get("name") or eqn.primitive.name)
-    for p in eqn.params.values():
-      for inner in (p if isinstance(p, (list, tuple)) else [p]):
-        inner = getattr(inner, "jaxpr", inner)
-        if hasattr(inner, "eqns"):
-          names.extend(_primitive_names(inner))
-  return names
-
-
 @pytest.mark.parametrize("L,dtype", [(1, jnp.bfloat16), (2, jnp.bfloat16), (1, jnp.float16)])
 def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, dtype, monkeypatch):
-  from kernel_checks import check_against_naive
+  from kernel_checks import check_against_naive, launched_kernels
   from pallas_kernels import pallas_prism
   monkeypatch.setenv("PRISM_MOSAIC_STAGES", ",".join(mosaic.STAGES))
   # Interpret-mode blocks, but no narrowing of the passes over chunks for having few programs
@@ -240,7 +238,7 @@ def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, dtype, monkeypatch):
   beta, g = jnp.ones((1, C, 1, L), jnp.bfloat16), jnp.zeros((1, C, 1))
   loss = lambda *a: pallas_prism(*a, chunk_size=C, interpret=True, backend="gpu")[0].astype(
       jnp.float32).sum()
-  names = set(_primitive_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, k, v, beta,
+  names = set(launched_kernels(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, k, v, beta,
                                                                               g).jaxpr))
   on_mosaic = {"prism_" + name for name in mosaic.STAGES
                if L <= mosaic.MAX_WRITES.get(name, L)}
@@ -253,7 +251,7 @@ def test_wy_pass_matches_naive_with_and_without_residuals(monkeypatch):
   """At L = 1 `wy_state_forward` (the pass forming U and Wk itself) replaces apply_inverse and
   the state pass: the training forward, which also stores U and Wk for the backward, and the
   forward alone, which does not, both match the sequential reference, gradients included."""
-  from kernel_checks import check_against_naive, random_case
+  from kernel_checks import check_against_naive, forward_and_grad_kernels, random_case
   from pallas_kernels import pallas_prism
   monkeypatch.setenv("PRISM_MOSAIC_STAGES", "all,wy_pass")
   monkeypatch.setenv("PRISM_GPU_BLOCKS", "16,4,3,16,4,32,8,2,1,4,16")  # 32-column passes
@@ -263,11 +261,7 @@ def test_wy_pass_matches_naive_with_and_without_residuals(monkeypatch):
   run = lambda q, k, v, beta, g: pallas_prism(
       q, k, v, beta, g, initial_state=s0, output_final_state=True, segment_ids=segment_ids,
       chunk_size=C, interpret=True, backend="gpu")
-  primal = set(_primitive_names(jax.make_jaxpr(run)(q, k, v, beta, g).jaxpr))
-  loss = lambda *a: run(*a)[0].astype(jnp.float32).sum()
-  grad = set(_primitive_names(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(
-      q, k, v, beta, g).jaxpr))
-  for names in (primal, grad):
+  for names in forward_and_grad_kernels(run, (q, k, v, beta, g)):
     assert "prism_wy_state_forward_mosaic" in names, names
     assert not {n for n in names if "apply_inverse" in n or "prism_state_forward" in n}, names
 
