@@ -381,6 +381,12 @@ def main():
                       help="every shape and L and the memory row (the default without --quick; "
                            "names it where a script passes arguments)")
   parser.add_argument("--skip-naive", action="store_true")
+  parser.add_argument("--impls", default=None,
+                      help="the table's JAX implementations, from naive,chunk,pallas (default: "
+                           "all three, less naive with --skip-naive)")
+  parser.add_argument("--table-writes", default=None,
+                      help="the table's L values, e.g. 1 (default: 1,2,3; 1,2 with --quick)")
+  parser.add_argument("--no-memory", action="store_true", help="the table without its memory row")
   parser.add_argument("--memory", action="store_true")
   parser.add_argument("--stages", action="store_true",
                       help="time each kernel alone at one shape (--shape; L from --writes)")
@@ -442,9 +448,15 @@ def main():
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
   rows = []
   shapes = SHAPES[:1] if a.quick else SHAPES
+  impls = (a.impls.split(",") if a.impls else
+           ("chunk", "pallas") if a.skip_naive else ("naive", "chunk", "pallas"))
+  if not set(impls) <= {"naive", "chunk", "pallas"}:
+    parser.error(f"--impls takes names from naive,chunk,pallas, got {a.impls!r}")
   for B, T, H, D in shapes:
     fla = None
-    for L in ((1, 2) if a.quick else WRITES):
+    writes = ((1, 2) if a.quick else WRITES) if a.table_writes is None else tuple(
+        int(x) for x in a.table_writes.split(","))
+    for L in writes:
       args, do = make_inputs(B, T, H, D, L)
       if L == 1:
         try:
@@ -452,7 +464,7 @@ def main():
         except Exception as err:  # keep the JAX rows when the PyTorch side breaks
           print(f"fla failed: {err!r}"[:3000], file=sys.stderr)
       row = {"shape": f"B{B} T{T} H{H} K=V={D}", "L": L}
-      for impl in (("chunk", "pallas") if a.skip_naive else ("naive", "chunk", "pallas")):
+      for impl in impls:
         try:
           # The sequential scan keeps every per-step state for its backward (tens of GiB at
           # these shapes): forward only.
@@ -466,7 +478,7 @@ def main():
       rows.append(row)
       print(json.dumps(row), flush=True)
   mem = None
-  if not a.quick:
+  if not (a.quick or a.no_memory):
     memory = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory"],
                             capture_output=True, text=True)
     mem = json.loads(memory.stdout.strip().splitlines()[-1]) if memory.returncode == 0 else {
@@ -480,10 +492,10 @@ def main():
   print("\n| shape | L | naive | chunk | pallas | fla (L=1) | pallas / fla | floor |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:
-    ratio = ("-" if r["fla_L1"] is None or r["pallas"] is None else
+    ratio = ("-" if r["fla_L1"] is None or r.get("pallas") is None else
              f"{r['pallas'][0] / r['fla_L1'][0]:.2f} / {r['pallas'][1] / r['fla_L1'][1]:.2f}")
-    print(f"| {r['shape']} | {r['L']} | {fmt(r.get('naive'))} | {fmt(r['chunk'])} | "
-          f"{fmt(r['pallas'])} | {fmt(r['fla_L1'])} | {ratio} | {fmt(r['floor'])} |")
+    print(f"| {r['shape']} | {r['L']} | {fmt(r.get('naive'))} | {fmt(r.get('chunk'))} | "
+          f"{fmt(r.get('pallas'))} | {fmt(r['fla_L1'])} | {ratio} | {fmt(r['floor'])} |")
 
 
 if __name__ == "__main__":
