@@ -64,7 +64,7 @@ job() {
     mosaic_stages)
       local all=apply_inverse,state_forward,output,local_dy,state_backward,state_grads,wy_grads
       local both=$(echo $all | sed 's/\([a-z_]*\)/\1,\1_mosaic/g')
-      both=$both,wy_state_forward,wy_state_forward_inference,wy_state_forward_mosaic,wy_state_forward_inference_mosaic
+      both=$both,wy_state_forward_mosaic,wy_state_forward_inference_mosaic
       python3 -W ignore benchmarks/kernels.py --stages --writes 1,2 --only $both $extra
       python3 -W ignore benchmarks/kernels.py --stages --shape 2 --writes 1 --only $both $extra ;;
     # Device time of every kernel inside Pallas and fla fwd / fwd+bwd (profiler traces).

@@ -287,32 +287,22 @@ def mosaic_calls(calls, interpret=False, pass_block_v=64):
   return out
 
 
-WY_PASS = ("wy_state_forward", "wy_state_forward_inference", "wy_state_forward_mosaic",
-           "wy_state_forward_inference_mosaic")
+WY_PASS = ("wy_state_forward_mosaic", "wy_state_forward_inference_mosaic")
 
 
-def wy_pass_calls(calls, bs, interpret=False, pass_block_v=64):
-  """At L = 1, the pass forming U and Wk itself (`BlockSizes.wy_pass`) on both backends, with
-  the backward's residuals and without ("_inference"), keyed as in WY_PASS, on the inputs of
-  apply_inverse and state_forward in `calls` (what `stage_calls` returned): timed against
-  those two kernels together. {} at L > 1."""
-  from pallas_kernels.gpu import kernels as gk
+def wy_pass_calls(calls, interpret=False, pass_block_v=64):
+  """At L = 1, the Mosaic GPU pass forming U and Wk itself (`BlockSizes.wy_pass`), with the
+  backward's residuals and without ("_inference"), keyed as in WY_PASS, on the inputs of
+  apply_inverse and state_forward in `calls` (what `stage_calls` returned): timed against those
+  two kernels together. {} at L > 1."""
   from pallas_kernels.gpu import mosaic
-  from pallas_kernels.gpu.prism import operand_precision, store_dtype
   k, v, beta, G, seq, prev, inv = calls["apply_inverse"][1]
   if k.shape[3] != 1:
     return {}
   args = (k, v, beta, G, seq, prev, inv, calls["state_forward"][1][-1])
-  triton = dict(bs=bs.fitted(k.dtype, 1), precision=operand_precision(k.dtype),
-                store_dtype=store_dtype(k.dtype), interpret=interpret)
-  mosaic_kw = dict(chunk=CHUNK, block_v=pass_block_v, interpret=interpret)
-  out = {}
-  for name, fn, kw in (("wy_state_forward", gk.wy_state_forward, triton),
-                       ("wy_state_forward_mosaic", mosaic.wy_state_forward, mosaic_kw)):
-    out[name] = (jax.jit(functools.partial(fn, residuals=True, **kw)), args)
-    inference = name.replace("forward", "forward_inference")
-    out[inference] = (jax.jit(functools.partial(fn, residuals=False, **kw)), args)
-  return out
+  kw = dict(chunk=CHUNK, block_v=pass_block_v, interpret=interpret)
+  return {name: (jax.jit(functools.partial(mosaic.wy_state_forward, residuals=residuals, **kw)),
+                 args) for name, residuals in zip(WY_PASS, (True, False))}
 
 
 def _block_sizes(spec):
@@ -358,7 +348,7 @@ def stage_times(bs, shape, writes, solve=None, only=None):
       calls.update(mosaic_calls(calls, pass_block_v=seq_tiling(bs, B, H, D)[0]))
     if not only or any(name in WY_PASS for name in only):
       from pallas_kernels.gpu.kernels import seq_tiling
-      calls.update(wy_pass_calls(calls, bs, pass_block_v=seq_tiling(bs, B, H, D)[0]))
+      calls.update(wy_pass_calls(calls, pass_block_v=seq_tiling(bs, B, H, D)[0]))
     for diag in ("rows", "doubling"):  # inverse_<diag>: either way of inverting the diagonal
       if only and "inverse_" + diag in only:
         calls["inverse_" + diag] = stage_calls(dataclasses.replace(bs, inverse_diag=diag),

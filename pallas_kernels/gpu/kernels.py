@@ -49,16 +49,21 @@ class BlockSizes:
   seq_min_programs programs would share the GPU (`seq_tiling`); kernel_warps: ((kernel name,
   warps), ...) overriding the above (tuning runs); kernel_stages: the same for num_stages
   (`fitted` sets it); mosaic: stages to run on the Mosaic GPU versions of gpu/mosaic.py where
-  those take the shapes (a pass over chunks only where `seq_tiling` keeps full-width blocks,
-  unless mosaic_narrow: its 32-column Mosaic version is not yet timed): the
-  ones measured faster than their Triton kernels on the H200 (B4 T4096 H16 K=V=128 L = 1: output
-  0.113 against 0.142 ms, local_dy 0.095 / 0.104, state_forward 0.155 / 0.169; apply_inverse and
-  state_backward were slower, 0.155 / 0.113 and 0.240 / 0.229). inverse_diag: how the inverse
-  kernel inverts its diagonal 16 × 16 blocks, "rows" (forward substitution, elementwise) or
-  "doubling" (`cm.unit_lower_inverse`); wy_pass: at L = 1 the state pass forms U and Wk
-  itself (`wy_state_forward`, on Mosaic GPU where the state pass is) in place of apply_inverse;
-  inverse_block_k: key columns per step of the inverse kernel's K¹K¹ᵀ products (0: the whole
-  key width in one step). The defaults are the fastest measured on the H200 (RESULTS.md)."""
+  those take the shapes (a pass over chunks at 32-column blocks, where `seq_tiling` narrows
+  them, only with mosaic_narrow): every stage but apply_inverse, each measured at least as fast
+  as its Triton kernel on the H200 (2026-12-05, ms, Mosaic against Triton, B4 T4096 H16
+  K=V=128 L = 1: state_grads 0.454 / 0.552 (L = 2: 0.641 / 1.280), wy_grads 0.261 / 0.389,
+  output 0.112 / 0.138, state_forward 0.149 / 0.161, state_backward 0.218 / 0.227, local_dy
+  0.100 / 0.101; at B1 T16384 with 32-column passes state_backward 0.487 / 0.521 and
+  state_forward 0.323 / 0.325); apply_inverse stays on Triton (0.152 against 0.114).
+  wy_pass: at L = 1, where the state pass runs on Mosaic GPU at full width, it forms U and Wk
+  itself (`mosaic.wy_state_forward`) in place of apply_inverse: 0.223 ms with the backward's U
+  and Wk stored, 0.172 without, against 0.263 for apply_inverse then the state pass.
+  inverse_diag: how the inverse kernel inverts its diagonal 16 × 16 blocks, "rows" (forward
+  substitution, elementwise) or "doubling" (`cm.unit_lower_inverse`); inverse_block_k: key
+  columns per step of its K¹K¹ᵀ products (0: the whole key width at once; 64 columns took
+  0.134 ms against 0.151, 32 columns 0.145, at 2 warps; 1 and 4 warps were slower at every
+  width). The defaults are the fastest measured on the H200 (RESULTS.md)."""
   chunk: int = 64
   block_v: int = 64
   num_warps: int = 4
@@ -73,11 +78,12 @@ class BlockSizes:
   chunk_block_v: int = 128
   kernel_warps: tuple = ()
   kernel_stages: tuple = ()
-  mosaic: tuple = ("state_forward", "output", "local_dy")
-  mosaic_narrow: bool = False
-  wy_pass: bool = False
+  mosaic: tuple = ("state_forward", "output", "local_dy", "state_backward", "state_grads",
+                   "wy_grads")
+  mosaic_narrow: bool = True
+  wy_pass: bool = True
   inverse_diag: str = "rows"
-  inverse_block_k: int = 0
+  inverse_block_k: int = 64
 
   FIELDS = ("block_v", "num_warps", "num_stages", "block_k", "grads_num_warps", "seq_block_v",
             "seq_num_warps", "inverse_num_warps", "seq_min_programs", "seq_narrow_warps",
@@ -124,7 +130,6 @@ class BlockSizes:
 
 # The BlockSizes field that sets each kernel's warps (num_warps for the others).
 WARPS_FIELD = {"prism_state_forward": "seq_num_warps", "prism_state_backward": "seq_num_warps",
-               "prism_wy_state_forward": "seq_num_warps",
                "prism_state_grads": "grads_num_warps", "prism_wy_grads": "grads_num_warps",
                "prism_inverse": "inverse_num_warps"}
 
@@ -263,36 +268,6 @@ def _state_forward_kernel(*refs, L, C, precision):
     x = u_ref[sl, :] - cm.mm(wk_ref[sl, :], state, precision)
     x_ref[sl, :] = x.astype(x_ref.dtype)
     return cm.next_state(state, x, k, w, gates, precision)
-
-  hT_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...])
-
-
-def _wy_state_forward_kernel(k_ref, v_ref, beta_ref, gamma_ref, to_end_ref, inv_ref, h0_ref,
-                             h_ref, x_ref, hT_ref, *residual_refs, C, precision):
-  """The state pass at L = 1 forming U and Wk itself (what `_apply_kernel` computes for the
-  chunk: the same products, Wk rounded as it stores it); residual_refs: U and Wk written out
-  for the backward, or none."""
-  K = k_ref.shape[-1]
-  N = x_ref.shape[0] // C
-  first_block = pl.program_id(2) == 0  # read outside the loop (interpret mode needs that)
-
-  def body(n, state):
-    sl = pl.ds(n * C, C)
-    gates = _pass_gates(gamma_ref, to_end_ref, n, C)
-    b1, inv, k = _col(beta_ref[sl]), inv_ref[sl, :], k_ref[sl, :]
-    wk = cm.mm(inv, cm.key_right_hand_side(k, b1, gates), precision).astype(x_ref.dtype)
-    u = cm.mm(inv, b1 * v_ref[sl, :].astype(jnp.float32), precision)
-    if residual_refs:
-      u_ref, wk_ref = residual_refs
-      u_ref[sl, :] = u
-
-      @pl.when(first_block)  # Wk does not depend on the value block
-      def _():
-        wk_ref[sl, :] = wk
-    h_ref[pl.ds(n * K, K), :] = state.astype(h_ref.dtype)
-    x = u - cm.mm(wk, state, precision)
-    x_ref[sl, :] = x.astype(x_ref.dtype)
-    return cm.next_state(state, x, [k], [None], gates, precision)
 
   hT_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...])
 
@@ -541,36 +516,6 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, bs: BlockSizes, precis
                  jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)],
       **_launch("prism_state_forward", bs, interpret),
   )(*([k] * L), *([v] * L), *([beta] * L), *pass_gates(G, seq, prev, C), u, wk, h0)
-
-
-def wy_state_forward(k, v, beta, G, seq, prev, inv, h0, *, residuals, bs: BlockSizes,
-                     precision, interpret, store_dtype=jnp.float32):
-  """`state_forward` at L = 1 forming U and Wk from (I + A)⁻¹ itself, in place of
-  `apply_inverse`: h, X and the final state, and with residuals U [B,T,H,V] float32 and Wk
-  [B,T,H,K] in store_dtype (what the backward reads)."""
-  B, T, H, L, K = k.shape
-  if L != 1:
-    raise ValueError(f"wy_state_forward: L = {L} (it forms U for one write only)")
-  V, C = v.shape[-1], bs.chunk
-  BV, bs = seq_tiling(bs, B, H, V)
-  (k_spec,), (v_spec,), (beta_spec,), G_spec, _, rows_k, rows_v = _seq_specs(1, T, K, BV)
-  rows_c = pl.BlockSpec((None, T, None, C), lambda b, h, j: (b, 0, h, 0))
-  state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j))
-  h_spec = pl.BlockSpec((None, None, T // C * K, BV), lambda b, h, j: (b, h, 0, j))
-  out_specs = [h_spec, rows_v, state_spec] + ([rows_v, rows_k] if residuals else [])
-  out_shape = [jax.ShapeDtypeStruct((B, H, T // C * K, V), store_dtype),
-               jax.ShapeDtypeStruct((B, T, H, V), store_dtype),
-               jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)]
-  if residuals:
-    out_shape += [jax.ShapeDtypeStruct((B, T, H, V), jnp.float32),
-                  jax.ShapeDtypeStruct((B, T, H, K), store_dtype)]
-  return pl.pallas_call(
-      functools.partial(_wy_state_forward_kernel, C=C, precision=precision),
-      grid=(B, H, V // BV),
-      in_specs=[k_spec, v_spec, beta_spec, G_spec, G_spec, rows_c, state_spec],
-      out_specs=out_specs, out_shape=out_shape,
-      **_launch("prism_wy_state_forward", bs, interpret),
-  )(k, v, beta, *pass_gates(G, seq, prev, C), inv, h0)
 
 
 def output(q, k, v, beta, G, seq, prev, x, h, *, scale, bs: BlockSizes, precision, interpret):

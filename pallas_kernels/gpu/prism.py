@@ -61,12 +61,15 @@ def _on_mosaic(bs, stage, q, k, v):
   arrays, v: the values or dO; otherwise the Triton kernel runs)."""
   if stage not in bs.mosaic:
     return False
-  if stage in PASSES:
-    block_v = _pass_block_v(bs, q, v)
-    narrow = block_v < min(bs.seq_block_v, v.shape[-1])
-    if block_v % 32 or (narrow and not bs.mosaic_narrow):  # narrow: not yet timed
-      return False
+  if stage in PASSES and (_pass_block_v(bs, q, v) % 32
+                          or (_narrowed(bs, q, v) and not bs.mosaic_narrow)):
+    return False
   return mosaic.stage_reason(stage, q, k, v, bs.chunk) is None
+
+
+def _narrowed(bs, q, v):
+  """Whether `seq_tiling` halved the passes' value blocks (too few programs to fill the GPU)."""
+  return _pass_block_v(bs, q, v) < min(bs.seq_block_v, v.shape[-1])
 
 
 PASSES = ("state_forward", "state_backward")
@@ -88,17 +91,17 @@ def _stage(stage, bs, q, k, v, interpret, triton_kw):
   return functools.partial(getattr(mosaic, stage), **kw)
 
 
-def _wy_pass(bs, q, k, v, residuals, interpret, kw):
-  """The pass that forms U and Wk itself (`wy_state_forward`, on Mosaic GPU where the state
-  pass would be), called on (k, v, beta, G, seq, prev, inv, h0); None unless bs.wy_pass and
-  L = 1, where apply_inverse then state_forward run."""
-  if not (bs.wy_pass and k.shape[3] == 1):
+def _wy_pass(bs, q, k, v, residuals, interpret):
+  """`mosaic.wy_state_forward` (the pass that forms U and Wk itself), called on (k, v, beta, G,
+  seq, prev, inv, h0), where it replaces apply_inverse then state_forward: bs.wy_pass, L = 1
+  and the state pass on Mosaic GPU at full-width value blocks (narrowed, each of the extra
+  programs would form Wk again: on the H200 at B1 T16384 L = 1 it took 0.70 ms against 0.43
+  for the two kernels); else None."""
+  if not (bs.wy_pass and k.shape[3] == 1 and _on_mosaic(bs, "state_forward", q, k, v)
+          and not _narrowed(bs, q, v)):
     return None
-  if _on_mosaic(bs, "state_forward", q, k, v):
-    return functools.partial(mosaic.wy_state_forward, residuals=residuals, chunk=bs.chunk,
-                             block_v=_pass_block_v(bs, q, v), interpret=interpret)
-  return functools.partial(kernels.wy_state_forward, residuals=residuals,
-                           store_dtype=store_dtype(q.dtype), **kw)
+  return functools.partial(mosaic.wy_state_forward, residuals=residuals, chunk=bs.chunk,
+                           block_v=_pass_block_v(bs, q, v), interpret=interpret)
 
 
 def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret, residuals=True):
@@ -109,7 +112,7 @@ def _forward(q, k, v, beta, G, seq, prev, h0, scale, bs, interpret, residuals=Tr
   store = store_dtype(q.dtype)
   stage = lambda name, **extra: _stage(name, bs, q, k, v, interpret, {**kw, **extra})
   inv = kernels.inverse(k, beta, G, seq, solve=cm.HIGHEST, store_dtype=store, **kw)
-  wy_pass = _wy_pass(bs, q, k, v, residuals, interpret, kw)
+  wy_pass = _wy_pass(bs, q, k, v, residuals, interpret)
   if wy_pass:
     h, x, hT, *uw = wy_pass(k, v, beta, G, seq, prev, inv, h0)
     u, wk = uw or (None, None)

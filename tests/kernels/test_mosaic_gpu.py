@@ -132,8 +132,8 @@ def test_benchmark_entry_points_run():
                             interpret=True))
   assert set(calls) == {name + "_mosaic" for name in mosaic.STAGES}  # wy_grads: L = 1 only
   l1 = stage_calls(bs, 1, 2 * C, 1, 64, 1, interpret=True)
-  assert not wy_pass_calls(stage_calls(bs, 1, 2 * C, 1, 64, 2, interpret=True), bs, True)
-  wy = wy_pass_calls(l1, bs, interpret=True, pass_block_v=32)
+  assert not wy_pass_calls(stage_calls(bs, 1, 2 * C, 1, 64, 2, interpret=True), True)
+  wy = wy_pass_calls(l1, interpret=True, pass_block_v=32)
   assert set(wy) == set(WY_PASS)
   calls.update(wy)
   for name, (fn, args) in calls.items():
@@ -186,9 +186,8 @@ def test_state_forward_lowers_for_cuda(block_v):
 
 @pytest.mark.parametrize("block_v", [64, 32])
 def test_wy_state_forward_matches_apply_then_state_forward(block_v):
-  """The pass forming U and Wk itself, Mosaic GPU and Triton, gives the states, X and final
-  state of apply_inverse then state_forward (Triton kernels), and, with residuals, their U and
-  Wk."""
+  """The pass forming U and Wk itself gives the states, X and final state of apply_inverse then
+  state_forward (Triton kernels), and, with residuals, their U and Wk."""
   from pallas_kernels.gpu import kernels as gk
   from prism_jax.ops import chunk_math as cm
   k, v, beta, G, seq, prev, _, _, h0 = _state_inputs(41, L=1)
@@ -202,11 +201,6 @@ def test_wy_state_forward_matches_apply_then_state_forward(block_v):
   _assert_same(names, out, tuple(ref) + (u, wk))
   alone = mosaic.wy_state_forward(*args, residuals=False, block_v=block_v, interpret=True)
   _assert_same(names[:3], alone, out[:3])
-  bs = dataclasses.replace(TRITON_BS, seq_block_v=block_v)  # the Triton version of the pass
-  triton = gk.wy_state_forward(*args, residuals=True, **{**kw, "bs": bs})
-  _assert_same(names, triton, tuple(ref) + (u, wk))
-  _assert_same(names[:3], gk.wy_state_forward(*args, residuals=False, **{**kw, "bs": bs}),
-               triton[:3])
 
 
 def test_wy_state_forward_lowers_for_cuda_and_takes_one_write():
@@ -333,24 +327,33 @@ def test_state_backward_lowers_for_cuda(block_v):
 
 
 def test_default_stages_follow_the_measurements():
-  """Compiled runs take output, local_dy and the full-width state pass on Mosaic GPU; the state
-  pass stays on Triton where `seq_tiling` narrows its blocks, and float32 inputs stay on Triton."""
+  """Compiled runs take every stage but the inverse and apply_inverse to Mosaic GPU where it
+  takes the shapes (the passes at 32 columns too), and at L = 1 the pass forming U and Wk in
+  place of apply_inverse and the state pass, but not where the passes are narrowed; float32
+  inputs and L beyond a stage's shared memory stay on Triton."""
   from pallas_kernels.gpu import kernels as gk
-  from pallas_kernels.gpu.prism import _on_mosaic
+  from pallas_kernels.gpu.prism import _on_mosaic, _wy_pass
   bs = gk.BlockSizes()
 
-  def on(stage, B, H, dtype=jnp.bfloat16, T=4 * C, D=128, L=1):
-    q = jax.ShapeDtypeStruct((B, T, H, D), dtype)
-    k = jax.ShapeDtypeStruct((B, T, H, L, D), dtype)
-    return _on_mosaic(bs, stage, q, k, k)
+  def shapes(B, H, dtype=jnp.bfloat16, T=4 * C, D=128, L=1):
+    return (jax.ShapeDtypeStruct((B, T, H, D), dtype),
+            jax.ShapeDtypeStruct((B, T, H, L, D), dtype), jax.ShapeDtypeStruct((B, T, H, L, D),
+                                                                               dtype))
 
-  assert on("output", 4, 16) and on("local_dy", 1, 16) and on("state_forward", 4, 16)
-  assert not on("state_forward", 1, 16)  # 32 programs of 64 columns: narrowed, Triton
-  assert not on("apply_inverse", 4, 16) and not on("state_backward", 4, 16)
+  on = lambda stage, *a, **kw: _on_mosaic(bs, stage, *shapes(*a, **kw))
+  wy = lambda *a, **kw: _wy_pass(bs, *shapes(*a, **kw), residuals=True, interpret=False)
+  for stage in ("output", "local_dy", "state_forward", "state_backward", "state_grads",
+                "wy_grads"):
+    assert on(stage, 4, 16), stage
+  assert on("state_forward", 1, 16) and on("state_backward", 1, 16)  # narrowed: 32 columns
+  assert not on("apply_inverse", 4, 16)
   assert not on("output", 4, 16, dtype=jnp.float32)
   assert not on("state_forward", 4, 16, L=3)  # shared memory holds L ≤ 2
-  bs = dataclasses.replace(bs, mosaic_narrow=True, mosaic=("state_forward", "state_backward"))
-  assert on("state_forward", 1, 16) and on("state_backward", 1, 16)  # 32 columns on Mosaic
+  assert not on("wy_grads", 4, 16, L=2) and on("state_grads", 4, 16, L=2)
+  assert wy(4, 16) is not None
+  assert wy(1, 16) is None and wy(4, 16, L=2) is None and wy(4, 16, dtype=jnp.float32) is None
+  bs = dataclasses.replace(bs, mosaic_narrow=False)
+  assert not on("state_forward", 1, 16) and not on("state_backward", 1, 16)
 
 
 def _grads_inputs(seed, L, K=64, V=128):

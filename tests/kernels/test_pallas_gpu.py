@@ -78,22 +78,6 @@ def test_float16_inputs_match_naive_to_the_float16_tolerance():
                       interpret=INTERPRET, seed=5)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_wy_pass_matches_naive(dtype, monkeypatch):
-  """BlockSizes.wy_pass on the Triton kernels: at L = 1 the state pass forms U and Wk itself;
-  values and every gradient (the training forward stores U and Wk for the backward), and the
-  forward alone (which does not), against the sequential reference."""
-  from kernel_checks import forward_and_grad_kernels
-  from prism_jax.testing import random_prism_inputs
-  monkeypatch.setenv("PRISM_MOSAIC_STAGES", "none,wy_pass")
-  check_against_naive((2, 150, 2, 48, 64, 1, 64, True, True, dtype), backend="gpu",
-                      interpret=INTERPRET, seed=12, forward_alone=True)
-  args = random_prism_inputs(jax.random.key(1), 1, 64, 1, 16, 16, 1, dtype)[:5]
-  run = lambda *a: pallas_prism(*a, chunk_size=64, interpret=INTERPRET, backend="gpu")
-  for names in forward_and_grad_kernels(run, args):
-    assert "prism_wy_state_forward" in names and "prism_apply_inverse" not in names, names
-
-
 @pytest.mark.parametrize("diag,block_k", [("doubling", 0), ("rows", 0), ("rows", 16)])
 def test_inverse_kernel_equals_the_float64_inverse(diag, block_k):
   """Both ways of inverting the diagonal 16 × 16 blocks give every chunk's (I + A)⁻¹ to float32
