@@ -3,9 +3,9 @@
 JAX 0.11 deprecates the Pallas Triton backend and recommends Mosaic GPU on Hopper. Which
 backend each stage uses is decided by timing both on the H200 (`benchmarks/kernels.py --stages`
 lists the Mosaic versions beside the Triton ones): `BlockSizes.mosaic` names the stages whose
-Mosaic version was faster (output, local_dy and the state pass at full-width value blocks), and
-`PRISM_MOSAIC_STAGES` replaces that list for tuning runs. The 32-column passes
-(`BlockSizes.mosaic_narrow`) and the two gradient kernels have not been timed yet.
+Mosaic version was at least as fast (all but apply_inverse, the passes at 32 columns too), and
+`PRISM_MOSAIC_STAGES` replaces that list for tuning runs. `wy_state_forward` is the state pass
+at L = 1 forming U and Wk itself, in place of apply_inverse (`BlockSizes.wy_pass`).
 
 Seven stages: the two passes over chunks, `state_forward` and `state_backward` (one program per
 value block of 64 or 32 columns and batch·head, the next chunk's operands loading while the
