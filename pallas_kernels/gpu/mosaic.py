@@ -217,6 +217,13 @@ def _pass_gates(name, G, seq, prev, K, V, C, block_v):
           jnp.broadcast_to(gamma_last[..., None], (B, H, N, K)))
 
 
+def _pass_program(H, BV):
+  """This program of a pass over chunks (grid ("j", "bh")): its value block j, batch row, head
+  and value columns."""
+  j, bh = lax.axis_index("j"), lax.axis_index("bh")
+  return j, bh // H, bh % H, pl.ds(j * BV, BV)
+
+
 def _pass_operand(BV, dtype):
   """The operand buffers of a pass over BV-column value blocks: 128-byte swizzle, or 64 bytes
   for 32 columns, on every buffer (the two operands of a WGMMA share one swizzle)."""
@@ -349,9 +356,7 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
            h_gmem, x_gmem, hT_gmem,
            k_smem, y_smem, beta_smem, u_smem, wk_smem, e_smem, gl_smem, s_smem, ey_smem,
            x_smem, f32_smem, bar, bar0):
-    j, bh = lax.axis_index("j"), lax.axis_index("bh")
-    b, hd = bh // H, bh % H
-    cols = pl.ds(j * BV, BV)
+    j, b, hd, cols = _pass_program(H, BV)
 
     def fetch(n, slot):
       rows = pl.ds(n * C, C)
@@ -435,9 +440,7 @@ def wy_state_forward(k, v, beta, G, seq, prev, inv, h0, *, residuals, block_v=64
     h_gmem, x_gmem, hT_gmem, u_gmem, wk_gmem = outs
     (inv_smem, k_smem, v_smem, vec_smem, e_smem, gl_smem, bk_smem, r_smem, wk_smem, s_smem,
      ey_smem, x_smem, u_out, f32_smem, bar, bar0) = rest
-    j, bh = lax.axis_index("j"), lax.axis_index("bh")
-    b, hd = bh // H, bh % H
-    cols = pl.ds(j * BV, BV)
+    j, b, hd, cols = _pass_program(H, BV)
 
     def fetch(n, slot):
       rows = pl.ds(n * C, C)
@@ -593,9 +596,7 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, block_v=64
     # dX goes out through the first C rows of the buffer that holds dS at both ends (232 KB
     # with a buffer of its own at K = V = 128, over the 227 KB of a block).
     dx_out = f32_smem.at[pl.ds(0, C)]
-    j, bh = lax.axis_index("j"), lax.axis_index("bh")
-    b, hd = bh // H, bh % H
-    cols = pl.ds(j * BV, BV)
+    j, b, hd, cols = _pass_program(H, BV)
 
     def fetch(n, slot):
       rows = pl.ds(n * C, C)
