@@ -178,6 +178,12 @@ def _store(x, smem, gmem):
   plgpu.copy_smem_to_gmem(smem, gmem)
 
 
+def _fetch_chunk(copies, bar, slot, per_chunk):
+  """Start a pass's `per_chunk` copies of one chunk into `slot`, on that slot's barriers."""
+  assert len(copies) == per_chunk, (len(copies), per_chunk)
+  _start_copies(copies, bar, slot * per_chunk)
+
+
 def _prefetch_and_wait(more, fetch_next, bar, slot, per_chunk):
   """A pass over chunks: start loading the next chunk into the other slot (when `more`), then
   wait for this slot's `per_chunk` copies."""
@@ -367,8 +373,7 @@ def state_forward(k, v, beta, G, seq, prev, u, wk, h0, *, block_v=64, chunk=64,
       copies += [(k_gmem.at[b, rows, hd, l], k_smem.at[slot, l]) for l in range(L)]
       copies += [(v_gmem.at[b, rows, hd, l, cols], y_smem.at[slot, l - 1]) for l in range(1, L)]
       copies += [(beta_gmem.at[b, hd, l, rows], beta_smem.at[slot, l - 1]) for l in range(1, L)]
-      assert len(copies) == per_chunk
-      _start_copies(copies, bar, slot * per_chunk)
+      _fetch_chunk(copies, bar, slot, per_chunk)
 
     def step(n, state):
       slot = lax.rem(n, 2)
@@ -451,8 +456,7 @@ def wy_state_forward(k, v, beta, G, seq, prev, inv, h0, *, residuals, block_v=64
                 (gamma_gmem.at[b, hd, rows], vec_smem.at[slot, 1]),
                 (e_gmem.at[b, hd, rows], e_smem.at[slot]),
                 (gl_gmem.at[b, hd, n], gl_smem.at[slot])]
-      assert len(copies) == per_chunk
-      _start_copies(copies, bar, slot * per_chunk)
+      _fetch_chunk(copies, bar, slot, per_chunk)
 
     def step(n, state):
       slot = lax.rem(n, 2)
@@ -608,7 +612,7 @@ def state_backward(q, k, G, seq, prev, wk, do, local1, dhT, *, scale, block_v=64
                 (g_gmem.at[b, hd, rows], g_smem.at[slot]),
                 (e_gmem.at[b, hd, rows], e_smem.at[slot]),
                 (gl_gmem.at[b, hd, n], gl_smem.at[slot])]
-      _start_copies(copies, bar, slot * per_chunk)
+      _fetch_chunk(copies, bar, slot, per_chunk)
 
     def step(i, dstate):
       n, slot = N - 1 - i, lax.rem(i, 2)
