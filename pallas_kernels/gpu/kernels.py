@@ -58,7 +58,9 @@ class BlockSizes:
   state_forward 0.323 / 0.325); apply_inverse stays on Triton (0.152 against 0.114).
   wy_pass: at L = 1, where the state pass runs on Mosaic GPU at full width, it forms U and Wk
   itself (`mosaic.wy_state_forward`) in place of apply_inverse: 0.223 ms with the backward's U
-  and Wk stored, 0.172 without, against 0.263 for apply_inverse then the state pass.
+  and Wk stored, 0.172 without, against 0.263 for apply_inverse then the state pass. Off until
+  its compiled test (`test_compiled_mosaic_stages_match_naive[L1-wy-pass]`) has passed on the
+  H200: it has been timed there, but checked against the reference only in interpret mode.
   inverse_diag: how the inverse kernel inverts its diagonal 16 × 16 blocks, "rows" (forward
   substitution, elementwise) or "doubling" (`cm.unit_lower_inverse`); inverse_block_k: key
   columns per step of its K¹K¹ᵀ products (0: the whole key width at once; 64 columns took
@@ -81,7 +83,7 @@ class BlockSizes:
   mosaic: tuple = ("state_forward", "output", "local_dy", "state_backward", "state_grads",
                    "wy_grads")
   mosaic_narrow: bool = True
-  wy_pass: bool = True
+  wy_pass: bool = False
   inverse_diag: str = "rows"
   inverse_block_k: int = 64
 

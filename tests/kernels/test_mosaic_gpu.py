@@ -328,8 +328,8 @@ def test_state_backward_lowers_for_cuda(block_v):
 
 def test_default_stages_follow_the_measurements():
   """Compiled runs take every stage but the inverse and apply_inverse to Mosaic GPU where it
-  takes the shapes (the passes at 32 columns too), and at L = 1 the pass forming U and Wk in
-  place of apply_inverse and the state pass, but not where the passes are narrowed; float32
+  takes the shapes (the passes at 32 columns too); with wy_pass, at L = 1 the pass forming U and
+  Wk replaces apply_inverse and the state pass, but not where the passes are narrowed; float32
   inputs and L beyond a stage's shared memory stay on Triton."""
   from pallas_kernels.gpu import kernels as gk
   from pallas_kernels.gpu.prism import _on_mosaic, _wy_pass
@@ -350,6 +350,8 @@ def test_default_stages_follow_the_measurements():
   assert not on("output", 4, 16, dtype=jnp.float32)
   assert not on("state_forward", 4, 16, L=3)  # shared memory holds L ≤ 2
   assert not on("wy_grads", 4, 16, L=2) and on("state_grads", 4, 16, L=2)
+  assert wy(4, 16) is None  # off until it has passed its compiled test
+  bs = dataclasses.replace(bs, wy_pass=True)
   assert wy(4, 16) is not None
   assert wy(1, 16) is None and wy(4, 16, L=2) is None and wy(4, 16, dtype=jnp.float32) is None
   bs = dataclasses.replace(bs, mosaic_narrow=False)
