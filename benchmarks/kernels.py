@@ -396,8 +396,9 @@ def main():
   parser.add_argument("--profile", action="store_true",
                       help="device time of every kernel of Pallas and fla fwd / fwd+bwd at one "
                            "shape (--shape; L from --writes)")
-  parser.add_argument("--shape", type=int, default=0,
-                      help=f"with --stages / --profile: which of {SHAPES} (B, T, H, K = V)")
+  parser.add_argument("--shape", type=int, default=None,
+                      help=f"which of {SHAPES} (B, T, H, K = V): the one --stages and --profile "
+                      "time (default the first); restricts the table to it")
   parser.add_argument("--json", default=None)
   parser.add_argument("--compile-check", default=None,
                       help='tilings to try, e.g. "64,4,2;32,4,1"; the first that compiles is '
@@ -417,7 +418,7 @@ def main():
     print(json.dumps(peak_memory()))
     return
   if a.profile:
-    profile_kernels(SHAPES[a.shape], tuple(int(x) for x in a.writes.split(",")))
+    profile_kernels(SHAPES[a.shape or 0], tuple(int(x) for x in a.writes.split(",")))
     return
   if a.stages:
     from pallas_kernels.prism import gpu_block_sizes
@@ -432,12 +433,12 @@ def main():
           for bs in tilings for group in a.warps.split(";")]
     for bs in tilings:
       for solve in solves:
-        stage_times(bs, SHAPES[a.shape], tuple(int(x) for x in a.writes.split(",")), solve,
+        stage_times(bs, SHAPES[a.shape or 0], tuple(int(x) for x in a.writes.split(",")), solve,
                     a.only and a.only.split(","))
     return
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
   rows = []
-  shapes = SHAPES[:1] if a.quick else SHAPES
+  shapes = ([SHAPES[a.shape]] if a.shape is not None else SHAPES[:1] if a.quick else SHAPES)
   impls = (a.impls.split(",") if a.impls else
            ("chunk", "pallas") if a.skip_naive else ("naive", "chunk", "pallas"))
   if not set(impls) <= {"naive", "chunk", "pallas"}:
