@@ -42,8 +42,9 @@ job() {
     recsys) python3 benchmarks/recsys.py $recsys $extra --write "$LOG/$name.md" ;;
     recsys_ablations) python3 benchmarks/recsys.py $recsys --ablations $extra \
       --write "$LOG/$name.md" ;;
+    # ARGS_kernel_tests: a pytest -k expression choosing among the tests.
     kernel_tests) python3 -m pytest -q -p no:cacheprovider -m "not slow" --durations=10 \
-      tests/kernels/test_pallas_gpu_compiled.py $extra ;;
+      tests/kernels/test_pallas_gpu_compiled.py ${extra:+-k "$extra"} ;;
     acceptance) python3 -m pytest -q -p no:cacheprovider -k acceptance \
       tests/kernels/test_pallas_gpu_compiled.py ;;
     # The GPU-only paths outside the kernels: cuDNN attention, the parallel pass over chunks and

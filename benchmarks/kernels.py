@@ -185,6 +185,7 @@ def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16, 
   state = f32(B, H, D, D)
   h = f32(B, H, T // CHUNK * D, D).astype(store["store_dtype"])
   scale = dict(scale=STAGE_SCALE)
+  wy_args = (k, v, beta, G, seq, prev, inv, rows, stored, rows, rows, h, [rows] * L, [rows] * L)
   call = lambda fn, *extra: jax.jit(lambda *a: fn(*a, **kw, **{k: v for d in extra
                                                              for k, v in d.items()}))
   return {
@@ -199,10 +200,17 @@ def stage_calls(bs, B, T, H, D, L, seed=0, interpret=False, dtype=jnp.bfloat16, 
                          (q, k, G, seq, prev, stored, do, rows, state)),
       "state_grads": (call(gk.state_grads, scale),
                       (q, k, v, beta, G, seq, prev, stored, h, h, rows, do)),
-      "wy_grads": (call(gk.wy_grads, solve),
-                   (k, v, beta, G, seq, prev, inv, rows, stored, rows, rows, h,
-                    [rows] * L, [rows] * L)),
+      # L ≥ 2: the writes after the first, before the Mosaic WY kernel (the erase write).
+      **({"wy_further_grads": (call(gk.wy_further_grads, solve), further_args(wy_args))}
+         if L > 1 else {}),
+      "wy_grads": (call(gk.wy_grads, solve), wy_args),
   }
+
+
+def further_args(wy_args):
+  """The arguments of `kernels.wy_further_grads` among those of `wy_grads`."""
+  k, v, beta, G, seq, prev, inv, _, _, dx, _, dh, local, dk_state = wy_args
+  return k, v, beta, G, seq, prev, inv, dx, dh, local, dk_state
 
 
 def profile_kernels(shape, writes, runs=5):
@@ -283,6 +291,10 @@ def mosaic_calls(calls, interpret=False, pass_block_v=64):
       kw["scale"] = STAGE_SCALE
     if "block_v" in params:
       kw["block_v"] = pass_block_v
+    if stage == "wy_grads" and L > 1:  # the writes after the first on Triton, then this
+      further = calls["wy_further_grads"][0]
+      fn = lambda *a, fn=fn, kw=kw: fn(*a, further=further(*further_args(a)), **kw)
+      kw = {}
     out[stage + "_mosaic"] = (jax.jit(functools.partial(fn, **kw)), calls[stage][1])
   return out
 

@@ -133,7 +133,7 @@ class BlockSizes:
 # The BlockSizes field that sets each kernel's warps (num_warps for the others).
 WARPS_FIELD = {"prism_state_forward": "seq_num_warps", "prism_state_backward": "seq_num_warps",
                "prism_state_grads": "grads_num_warps", "prism_wy_grads": "grads_num_warps",
-               "prism_inverse": "inverse_num_warps"}
+               "prism_wy_further_grads": "grads_num_warps", "prism_inverse": "inverse_num_warps"}
 
 
 def warps(bs: BlockSizes, name: str) -> int:
@@ -353,6 +353,23 @@ def _state_grads_kernel(*refs, L, BV, scale, precision):
   dG_ref[...] = dG.reshape(-1)
 
 
+def _wy_helpers(k_refs, local_refs, dh_ref, dk_ref, dv_ref, gates, precision):
+  """dy(i, cols) and store(name, l, cols, x) of `cm.wy_grads` for the WY kernels."""
+  def dy(i, c):  # dY^l = P^lᵀ dO + e ⊙ (K^l dS'), l = i + 2 (keys go to the product as loaded)
+    return local_refs[i][:, c] + gates.to_end * cm.mm(k_refs[i + 1][...], dh_ref[:, c],
+                                                      precision)
+
+  def store(name, l, cols, x):  # write l's slot of dk or dv
+    r = dk_ref if name == "dk" else dv_ref
+    r[:, l, cols] = x.astype(r.dtype)
+  return dy, store
+
+
+def _column_blocks(k_ref, v_ref, BK, BV):
+  blocks = lambda n, b: [pl.ds(i * b, b) for i in range(n // b)]
+  return blocks(k_ref.shape[-1], BK), blocks(v_ref.shape[-1], BV)
+
+
 def _wy_grads_kernel(*refs, L, BK, BV, precision, solve):
   """The remaining cotangents of one chunk through (I + A)⁻¹ (`cm.wy_grads`), reading and
   writing key and value columns in blocks of BK and BV, one write after another, each output
@@ -363,17 +380,8 @@ def _wy_grads_kernel(*refs, L, BK, BV, precision, solve):
    dh_ref), local_refs, dks_refs, (dk_ref, dv_ref, dbeta_ref, dG_ref)) = cm.split_refs(
        refs, (L, L, L, 9, L - 1, L, 4))
   gates = _gates(G_ref, seq_ref, prev_ref)
-  blocks = lambda n, b: [pl.ds(i * b, b) for i in range(n // b)]
-  k_blocks, v_blocks = blocks(k_refs[0].shape[-1], BK), blocks(v_refs[0].shape[-1], BV)
-
-  def dy(i, c):  # dY^l = P^lᵀ dO + e ⊙ (K^l dS'), l = i + 2 (keys go to the product as loaded)
-    return local_refs[i][:, c] + gates.to_end * cm.mm(k_refs[i + 1][...], dh_ref[:, c],
-                                                      precision)
-
-  def store(name, l, cols, x):  # write l's slot of dk or dv
-    r = dk_ref if name == "dk" else dv_ref
-    r[:, l, cols] = x.astype(r.dtype)
-
+  k_blocks, v_blocks = _column_blocks(k_refs[0], v_refs[0], BK, BV)
+  dy, store = _wy_helpers(k_refs, local_refs, dh_ref, dk_ref, dv_ref, gates, precision)
   dbeta, dG = cm.wy_grads(
       k_refs, v_refs, [_col(r[...]) for r in beta_refs], inv_ref[...], u_ref, wk_ref, dx_ref,
       dxs_ref, dy, dks_refs, gates, precision, store, solve, v_blocks=v_blocks,
@@ -381,6 +389,28 @@ def _wy_grads_kernel(*refs, L, BK, BV, precision, solve):
   for l, x in enumerate(dbeta):
     dbeta_ref[:, l] = x.reshape(-1).astype(dbeta_ref.dtype)
   dG_ref[...] = dG.reshape(-1)
+
+
+def _wy_further_kernel(*refs, L, BK, BV, precision, solve):
+  """The writes l ≥ 2 of one chunk's WY side (`cm.further_write_grads`), beside a kernel that
+  does the erase write alone: their dk^l, dδ^l and dβ^l, the erase write's dK¹ accumulator
+  started from the state side's, and their terms of dβ¹ and dG."""
+  (k_refs, v_refs, beta_refs, (G_ref, seq_ref, prev_ref, inv_ref, dx_ref, dh_ref), local_refs,
+   dks_refs, (dk_ref, dv_ref, dbeta_ref, dk1_ref, dbeta1_ref, dG_ref)) = cm.split_refs(
+       refs, (L, L, L, 6, L - 1, L, 6))
+  gates = _gates(G_ref, seq_ref, prev_ref)
+  k_blocks, v_blocks = _column_blocks(k_refs[0], v_refs[0], BK, BV)
+  dy, store = _wy_helpers(k_refs, local_refs, dh_ref, dk_ref, dv_ref, gates, precision)
+  dk1 = [dks_refs[0][:, c] for c in k_blocks]
+  dbeta, dbeta1, psi, dk1 = cm.further_write_grads(
+      k_refs, v_refs, [_col(r[...]) for r in beta_refs], inv_ref[...], dx_ref, dy, dks_refs,
+      gates, precision, store, solve, v_blocks, k_blocks, dk1)
+  for c, x in zip(k_blocks, dk1):
+    dk1_ref[:, c] = x
+  for l, x in enumerate(dbeta, start=1):
+    dbeta_ref[:, l] = x.reshape(-1).astype(dbeta_ref.dtype)
+  dbeta1_ref[...] = dbeta1.reshape(-1)
+  dG_ref[...] = cm.row_minus_column_sums(psi).reshape(-1)
 
 
 # pallas_calls. Shapes: q [B,T,H,K], k [B,T,H,L,K], v [B,T,H,L,V], beta [B,T,H,L],
@@ -617,21 +647,39 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, bs: Blo
   return dq, rest[:L], rest[L], rest[L + 1].sum(axis=0)
 
 
+def _wy_slots(k, v, beta, bs: BlockSizes):
+  """BlockSpecs and shapes of the WY kernels' per-write outputs dk, dv, dβ: each write goes to
+  its own slot of the one array the custom_vjp returns (L rounded up to a power of two, Lp,
+  for the block), not to L arrays stacked in XLA (at B4 T4096 L = 2 that stacking was a 319 µs
+  copy)."""
+  B, T, H, L, K = k.shape
+  V, C, Lp = v.shape[-1], bs.chunk, 1 << (L - 1).bit_length()
+  at = lambda f: (lambda bh, n: f(bh // H, bh % H, n))
+  slots = lambda width: pl.BlockSpec((None, C, None, Lp, width),
+                                     at(lambda b, h, n: (b, n, h, 0, 0)))
+  specs = [slots(K), slots(V), pl.BlockSpec((None, C, None, Lp), at(lambda b, h, n: (b, n, h, 0)))]
+  shapes = [jax.ShapeDtypeStruct((B, T, H, Lp, K), k.dtype),
+            jax.ShapeDtypeStruct((B, T, H, Lp, V), v.dtype),
+            jax.ShapeDtypeStruct((B, T, H, Lp), beta.dtype)]
+  return specs, shapes
+
+
+def _unpadded_slots(L, dk, dv, dbeta):
+  if dk.shape[3] != L:  # the unwritten slots go
+    dk, dv, dbeta = dk[:, :, :, :L], dv[:, :, :, :L], dbeta[..., :L]
+  return dk, dv, dbeta
+
+
 def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state, *,
              bs: BlockSizes, precision, interpret, solve=cm.HIGHEST):
   """The WY side (grid B·H × N, columns in blocks inside): dk [B,T,H,L,K] (k's dtype,
   dk_state added), dv [B,T,H,L,V] (v's dtype), dβ [B,T,H,L] (β's dtype) and the rest of dG
-  [B,T,H] float32. Each write goes to its own slot of the one array the custom_vjp returns
-  (L rounded up to a power of two for the block, so only L = 3 is sliced afterwards), not to L
-  arrays stacked in XLA (at B4 T4096 L = 2 that stacking was a 319 µs copy)."""
+  [B,T,H] float32."""
   B, T, H, L, K = k.shape
   V, C = v.shape[-1], bs.chunk
   s = _grad_specs(L, C, K, V, min(bs.block_k, K), H)
   rows = s["rows"]
-  Lp = 1 << (L - 1).bit_length()
-  at = lambda f: (lambda bh, n: f(bh // H, bh % H, n))
-  slots = lambda width: pl.BlockSpec((None, C, None, Lp, width),
-                                     at(lambda b, h, n: (b, n, h, 0, 0)))
+  slot_specs, slot_shapes = _wy_slots(k, v, beta, bs)
   dk, dv, dbeta, dG = pl.pallas_call(
       functools.partial(_wy_grads_kernel, L=L, BK=min(bs.block_k, K), BV=_block_v(bs, V),
                         precision=precision, solve=solve),
@@ -639,15 +687,37 @@ def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state,
       in_specs=[*s["k_all"], *s["v_all"], *s["beta"], s["G"], s["seq"], s["seq"], rows(C),
                 rows(V), rows(K), rows(V), rows(K), s["h_all"], *[rows(V)] * (L - 1),
                 *[rows(K)] * L],
-      out_specs=[slots(K), slots(V),
-                 pl.BlockSpec((None, C, None, Lp), at(lambda b, h, n: (b, n, h, 0))), s["G"]],
-      out_shape=[jax.ShapeDtypeStruct((B, T, H, Lp, K), k.dtype),
-                 jax.ShapeDtypeStruct((B, T, H, Lp, V), v.dtype),
-                 jax.ShapeDtypeStruct((B, T, H, Lp), beta.dtype),
-                 jax.ShapeDtypeStruct((B, T, H), jnp.float32)],
+      out_specs=[*slot_specs, s["G"]],
+      out_shape=[*slot_shapes, jax.ShapeDtypeStruct((B, T, H), jnp.float32)],
       **_launch("prism_wy_grads", bs, interpret),
   )(*([k] * L), *([v] * L), *([beta] * L), G, seq, prev, inv, u, wk, dx, dxs, dh, *local[1:],
     *dk_state)
-  if Lp != L:  # the unwritten slots go
-    dk, dv, dbeta = dk[:, :, :, :L], dv[:, :, :, :L], dbeta[..., :L]
-  return dk, dv, dbeta, dG
+  return (*_unpadded_slots(L, dk, dv, dbeta), dG)
+
+
+def wy_further_grads(k, v, beta, G, seq, prev, inv, dx, dh, local, dk_state, *,
+                     bs: BlockSizes, precision, interpret, solve=cm.HIGHEST):
+  """The writes l ≥ 2 of the WY side (grid B·H × N; L ≥ 2), beside a kernel that does the
+  erase write alone (`mosaic.wy_grads`), which then writes the first slots: dk [B,T,H,Lp,K],
+  dv [B,T,H,Lp,V] and dβ [B,T,H,Lp] with every slot but the first written (Lp: L rounded up
+  to a power of two), the erase write's dK¹ so far [B,T,H,K] float32 (the state side's
+  dk_state[0] plus these writes' terms), and these writes' terms of dβ¹ and of dG [B,T,H]
+  float32."""
+  B, T, H, L, K = k.shape
+  V, C = v.shape[-1], bs.chunk
+  if L < 2:
+    raise ValueError(f"wy_further_grads: L = {L}; only the erase write is left at L = 1")
+  s = _grad_specs(L, C, K, V, min(bs.block_k, K), H)
+  rows = s["rows"]
+  slot_specs, slot_shapes = _wy_slots(k, v, beta, bs)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  return pl.pallas_call(
+      functools.partial(_wy_further_kernel, L=L, BK=min(bs.block_k, K), BV=_block_v(bs, V),
+                        precision=precision, solve=solve),
+      grid=(B * H, T // C),
+      in_specs=[*s["k_all"], *s["v_all"], *s["beta"], s["G"], s["seq"], s["seq"], rows(C),
+                rows(V), s["h_all"], *[rows(V)] * (L - 1), *[rows(K)] * L],
+      out_specs=[*slot_specs, rows(K), s["G"], s["G"]],
+      out_shape=[*slot_shapes, f32(B, T, H, K), f32(B, T, H), f32(B, T, H)],
+      **_launch("prism_wy_further_grads", bs, interpret),
+  )(*([k] * L), *([v] * L), *([beta] * L), G, seq, prev, inv, dx, dh, *local[1:], *dk_state)

@@ -65,7 +65,7 @@ STAGES = ("apply_inverse", "state_forward", "output", "local_dy", "state_backwar
 # Writes whose per-chunk operands fit Hopper's 227 KB of shared memory per block (bf16 at
 # K = V = 128: apply_inverse about 180 KB and the double-buffered state pass about 210 KB at
 # L = 2).
-MAX_WRITES = {"apply_inverse": 2, "state_forward": 2, "state_grads": 2, "wy_grads": 1}
+MAX_WRITES = {"apply_inverse": 2, "state_forward": 2, "state_grads": 2}
 
 
 def stage_reason(stage, q, k, v, chunk) -> str | None:
@@ -766,12 +766,17 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, chunk=6
 
 
 def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state, *, chunk=64,
-             interpret=False):
-  """The WY side of the gradients at L = 1 and K = V, as `kernels.wy_grads`: dK [B,T,H,1,K]
-  (k's dtype, the state side's dk_state added), dV [B,T,H,1,V] (v's dtype), dβ [B,T,H,1] (β's
-  dtype) and the rest of dG [B,T,H] float32. k [B,T,H,1,K], v [B,T,H,1,V], beta [B,T,H,1],
-  inv [B,T,H,C], wk [B,T,H,K] (one 16-bit dtype); u, dx [B,T,H,V], dxs and dk_state[0]
-  [B,T,H,K] float32 (dh and local, read only for further writes, are unused).
+             interpret=False, further=None):
+  """The WY side of the gradients at K = V, as `kernels.wy_grads`: dK [B,T,H,L,K] (k's dtype,
+  the state side's dk_state added), dV [B,T,H,L,V] (v's dtype), dβ [B,T,H,L] (β's dtype) and
+  the rest of dG [B,T,H] float32. k [B,T,H,L,K], v [B,T,H,L,V], beta [B,T,H,L], inv
+  [B,T,H,C], wk [B,T,H,K] (one 16-bit dtype); u, dx [B,T,H,V], dxs and dk_state[0] [B,T,H,K]
+  float32 (dh, local and the other writes' dk_state are read by `kernels.wy_further_grads`).
+
+  This kernel does the erase write. At L ≥ 2 the other writes come first, from
+  `kernels.wy_further_grads` (passed as `further`, its outputs): their terms of dK¹, dβ¹ and dG
+  join the erase write's here, and its outputs fill the first slots of the further writes'
+  arrays (in place).
 
   One program per (chunk, batch·head), whole key and value widths. With T = (I + A)⁻¹ and every
   product on WGMMA with 16-bit operands (the roundings of the Triton kernel): dR = Tᵀ dX,
@@ -784,6 +789,12 @@ def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state,
   del dh, local
   _check("wy_grads", k[:, :, :, 0], k, v, chunk)
   B, T, H, L, K = k.shape
+  if (L > 1) != (further is not None):
+    raise ValueError(f"mosaic.wy_grads: L = {L} needs the further writes' outputs exactly when "
+                     f"L ≥ 2 (got {'none' if further is None else 'them'})")
+  if further is not None:
+    dk_slots, dv_slots, dbeta_slots, dk1, dbeta1_more, dG_more = further
+    dk_state = (dk1,)
   V, C, dtype, N, f32 = v.shape[-1], chunk, k.dtype, T // chunk, jnp.float32
   gamma, _ = pass_gates(G, seq, prev, C)  # [B, T, H]
 
@@ -860,5 +871,10 @@ def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state,
   )(k, v, _head_major(beta), _head_major(G), seq, _head_major(gamma), inv, u, wk, dx, dxs,
     dk_state[0])
   to_bth = lambda a: jnp.transpose(a, (0, 2, 1))
-  dbeta = to_bth(parts[0]).astype(beta.dtype)
-  return dk[:, :, :, None], dv[:, :, :, None], dbeta[..., None], to_bth(parts[1] - parts[2])
+  dbeta, dG = to_bth(parts[0]), to_bth(parts[1] - parts[2])
+  if further is None:
+    return dk[:, :, :, None], dv[:, :, :, None], dbeta.astype(beta.dtype)[..., None], dG
+  dbeta = (dbeta + dbeta1_more).astype(beta.dtype)
+  fill = lambda slots, x: slots.at[:, :, :, 0].set(x)[:, :, :, :L]
+  return (fill(dk_slots, dk), fill(dv_slots, dv), fill(dbeta_slots, dbeta),
+          dG + dG_more)

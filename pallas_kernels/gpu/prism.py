@@ -141,8 +141,16 @@ def _bwd(scale, bs, interpret, res, cotangents):
   # The state side, then the WY side (which adds its terms of dK to the state side's).
   dq, dk_state, dxs, dG_state = stage("state_grads")(q, k, v, beta, G, seq, prev, x, h, dh, dx,
                                                      do, scale=scale)
-  dk, dv, dbeta, dG = stage("wy_grads", solve=kw["precision"])(
-      k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state)
+  wy_args = (k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state)
+  if k.shape[3] > 1 and _on_mosaic(bs, "wy_grads", q, k, do):
+    # The writes l ≥ 2 on Triton, then the erase write on Mosaic GPU, which adds to their
+    # terms of dK¹, dβ¹ and dG.
+    further = kernels.wy_further_grads(k, v, beta, G, seq, prev, inv, dx, dh, local, dk_state,
+                                       solve=kw["precision"], **kw)
+    dk, dv, dbeta, dG = mosaic.wy_grads(*wy_args, further=further, chunk=bs.chunk,
+                                        interpret=interpret)
+  else:
+    dk, dv, dbeta, dG = stage("wy_grads", solve=kw["precision"])(*wy_args)
   dG = dG + dG_state
   return (dq, dk, dv, dbeta, dG,
           jnp.zeros_like(seq), jnp.zeros_like(prev), dh0)

@@ -80,7 +80,7 @@ def _rowsum(x):
   return jnp.sum(x, axis=1, keepdims=True)  # [C, 1]
 
 
-def _row_minus_column_sums(psi):
+def row_minus_column_sums(psi):
   """Σ_j Ψ_ij − Σ_j Ψ_ji as a column [C, 1]: the cotangent of G from that of the decay
   D_ij = exp(G_i − G_j) (Ψ = dD ⊙ D). The column sums reach a column vector through the
   diagonal (no transpose of a row vector, which not every kernel backend lowers)."""
@@ -203,9 +203,11 @@ def key_right_hand_side(k1, b1, gates: ChunkGates):
   return (b1 * gates.gamma) * k1
 
 
-def _raw_keys(k1, kl, gates: ChunkGates, precision):
-  """strict((K¹K^lᵀ) ⊙ D): A and M^l before the β¹ rows."""
-  return jnp.where(gates.strict, mm(k1, kl, precision, tb=True) * gates.decay, 0.0)
+def _raw_keys(k1, kl, gates: ChunkGates, precision, k_blocks=(slice(None),)):
+  """strict((K¹K^lᵀ) ⊙ D): A and M^l before the β¹ rows (the keys read one block of columns,
+  k_blocks, at a time)."""
+  kk = sum(mm(k1[:, c], kl[:, c], precision, tb=True) for c in k_blocks)
+  return jnp.where(gates.strict, kk * gates.decay, 0.0)
 
 
 def next_state(state, x, k: Sequence, w: Sequence, gates: ChunkGates, precision):
@@ -318,8 +320,15 @@ def gate_grads(psi, de, sds, gates: ChunkGates):
   and Σ S ⊙ dS': rowsum(Ψ) − colsum(Ψ) − e ⊙ de, plus Σ de ⊙ e + γ_C Σ S ⊙ dS' on the last row
   (the G_C terms). A partial sum over key blocks: [C, 1]."""
   last = jnp.sum(de * gates.to_end, axis=0, keepdims=True) + sds * gates.gamma_last
-  return (_row_minus_column_sums(psi) - de * gates.to_end
+  return (row_minus_column_sums(psi) - de * gates.to_end
           + jnp.where(gates.is_last, last, 0.0))
+
+
+def _dr(inv, dx, c, solve):
+  """Columns c of dR = Tᵀ dX. dR (and dBk) are formed again wherever they are needed (once per
+  write, twice for dBk): one C × C × 64 product each, cheaper than holding them live in a
+  kernel."""
+  return mm(inv, dx[:, c], solve, ta=True)
 
 
 def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, dk_state,
@@ -335,31 +344,22 @@ def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, 
   then the key, β and G terms of A = β¹ ⊙ strict(K¹K¹ᵀ ⊙ D), M^l and Bk = β¹γ ⊙ K¹ (dG from
   Ψ = β¹ ⊙ (dA ⊙ A_raw + Σ dM^l ⊙ M^l_raw), as in `gate_grads`).
 
-  One write after another (dR is recomputed for each), and every column block of dk^l and
-  dδ^l goes to `store(name, l, cols, x)` ("dk" or "dv") as soon as it is final, so a kernel
-  holds one write's C × C products at a time and no finished output (only dK¹'s blocks stay
-  open across writes). k, v (L each), u, wk, dx: dX [C, V], dxs: dX Sᵀ [C, K] and dk_state
-  (the state-side dK^l to add to) are arrays or Pallas refs, read one column block (v_blocks /
-  k_blocks: slices of the value / key columns) at a time; beta: L columns [C, 1]; dy(i, cols):
-  columns `cols` of dY^(i+2). Returns (dbeta tuple of [C, 1], dG [C, 1]).
+  The erase write here, then the others through `further_write_grads` (dR is recomputed for
+  each), and every column block of dk^l and dδ^l goes to `store(name, l, cols, x)` ("dk" or
+  "dv") as soon as it is final, so a kernel holds one write's C × C products at a time and no
+  finished output (only dK¹'s blocks stay open across writes). k, v (L each), u, wk, dx:
+  dX [C, V], dxs: dX Sᵀ [C, K] and dk_state (the state-side dK^l to add to) are arrays or
+  Pallas refs, read one column block (v_blocks / k_blocks: slices of the value / key columns)
+  at a time; beta: L columns [C, 1]; dy(i, cols): columns `cols` of dY^(i+2). Returns (dbeta
+  tuple of [C, 1], dG [C, 1]).
   """
-  L = len(k)
   f32 = lambda x: x.astype(jnp.float32)
   b1 = beta[0]
-
-  def raw_keys(kl):  # strict(K¹K^lᵀ ⊙ D): A and M^l before the β¹ rows
-    kk = sum(mm(k[0][:, c], kl[:, c], precision, tb=True) for c in k_blocks)
-    return jnp.where(gates.strict, kk * gates.decay, 0.0)
-
-  # dR and dBk are formed again wherever they are needed (once per write, twice for dBk):
-  # one C × C × 64 product each, cheaper than holding them live in a kernel.
-  dr_of = lambda c: mm(inv, dx[:, c], solve, ta=True)
   dbk_of = lambda c: -mm(inv, dxs[:, c], solve, ta=True)
-
   # The erase write: dA = −strict(dR Uᵀ + dBk Wkᵀ).
   gram, dbeta1 = 0.0, 0.0
   for c in v_blocks:
-    dr = dr_of(c)
+    dr = _dr(inv, dx, c, solve)
     gram = gram + mm(dr, u[:, c], precision, tb=True)
     store("dv", 0, c, b1 * dr)
     dbeta1 = dbeta1 + _rowsum(dr * f32(v[0][:, c]))
@@ -368,7 +368,7 @@ def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, 
     dbk = dbk_of(c)
     gram = gram + mm(dbk, wk[:, c], precision, tb=True)
     sbk = sbk + _rowsum(dbk * f32(k[0][:, c]))
-  raw = raw_keys(k[0])
+  raw = _raw_keys(k[0], k[0], gates, precision, k_blocks)
   da = -jnp.where(gates.strict, gram, 0.0)
   dbeta1 = dbeta1 + _rowsum(da * raw) + gates.gamma * sbk
   psi = b1 * da * raw
@@ -378,13 +378,31 @@ def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, 
     k1 = f32(k[0][:, c])
     dk1.append(f32(dk_state[0][:, c]) + mm(dkd, k1, precision)
                + mm(dkd, k1, precision, ta=True) + (b1 * gates.gamma) * dbk_of(c))
-  # The other writes: dM^l = −strict(dR W^lᵀ).
-  dbeta = [None]
-  for i in range(1, L):
-    raw = raw_keys(k[i])
+  dbeta, dbeta1_more, psi_more, dk1 = further_write_grads(
+      k, v, beta, inv, dx, dy, dk_state, gates, precision, store, solve, v_blocks, k_blocks,
+      dk1)
+  for c, x in zip(k_blocks, dk1):
+    store("dk", 0, c, x)
+  return ((dbeta1 + dbeta1_more,) + dbeta,
+          row_minus_column_sums(psi + psi_more) + b1 * sbk * gates.gamma)
+
+
+def further_write_grads(k: Sequence, v: Sequence, beta: Sequence, inv, dx, dy, dk_state,
+                        gates: ChunkGates, precision, store, solve, v_blocks, k_blocks, dk1):
+  """The writes l ≥ 2 of `wy_grads`: dM^l = −strict(dR W^lᵀ), with dk^l and dδ^l (their
+  blocks to `store`), dβ^l, and their terms of the erase write's cotangents, which are sums
+  over l and need nothing of it: (β¹ ⊙ dM^l ⊙ D) K^l added to dk1 (a list of [C, block]
+  float32 accumulators, one per key block), rowsum(dM^l ⊙ M^l_raw) of dβ¹ and β¹ ⊙ dM^l ⊙
+  M^l_raw of Ψ. Returns (dβ^l tuple, dβ¹ terms [C, 1], Ψ terms [C, C], dk1); with L = 1
+  there is nothing to do and the terms are 0."""
+  f32 = lambda x: x.astype(jnp.float32)
+  b1 = beta[0]
+  dbeta, dbeta1, psi = [], 0.0, 0.0
+  for i in range(1, len(k)):
+    raw = _raw_keys(k[0], k[i], gates, precision, k_blocks)
     rw, dbeta_i = 0.0, 0.0
     for c in v_blocks:
-      dr, vl = dr_of(c), f32(v[i][:, c])
+      dr, vl = _dr(inv, dx, c, solve), f32(v[i][:, c])
       rw = rw + mm(dr, beta[i] * vl, precision, tb=True)
       dw = dy(i - 1, c) - mm(b1 * raw, dr, precision, ta=True)
       store("dv", i, c, beta[i] * dw)
@@ -397,10 +415,7 @@ def wy_grads(k: Sequence, v: Sequence, beta: Sequence, inv, u, wk, dx, dxs, dy, 
     for j, c in enumerate(k_blocks):
       dk1[j] = dk1[j] + mm(dkd, k[i][:, c], precision)
       store("dk", i, c, f32(dk_state[i][:, c]) + mm(dkd, f32(k[0][:, c]), precision, ta=True))
-  for c, x in zip(k_blocks, dk1):
-    store("dk", 0, c, x)
-  dbeta[0] = dbeta1
-  return tuple(dbeta), _row_minus_column_sums(psi) + b1 * sbk * gates.gamma
+  return tuple(dbeta), dbeta1, psi, dk1
 
 
 def chunk_grads(q, k: Sequence, v: Sequence, beta: Sequence, state, dstate, do,

@@ -26,9 +26,14 @@ def test_stage_calls_cover_every_kernel_in_order():
       q, k, v, beta, g).jaxpr)
   bs = BlockSizes(chunk=CHUNK, block_v=16, block_k=16, seq_block_v=32, chunk_block_v=16)
   calls = stage_calls(bs, 1, 2 * CHUNK, 2, 32, 2, interpret=True)
-  assert ["prism_" + name for name in calls] == launched
+  # At these widths every stage runs on Triton, whose WY kernel does every write
+  # (wy_further_grads runs only before the Mosaic one).
+  assert ["prism_" + name for name in calls if name != "wy_further_grads"] == launched
   for name, (fn, args) in calls.items():
-    for out in jax.tree.leaves(fn(*args)):
+    outs = fn(*args)
+    if name == "wy_further_grads":  # the first slots of dk, dv, dβ are the Mosaic kernel's
+      outs = [x[:, :, :, 1:] for x in outs[:3]] + list(outs[3:])
+    for out in jax.tree.leaves(outs):
       assert np.all(np.isfinite(np.asarray(out, np.float32))), name
       assert out.dtype in (jnp.float32, jnp.bfloat16), (name, out.dtype)
 

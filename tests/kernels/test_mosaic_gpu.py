@@ -127,10 +127,7 @@ def test_benchmark_entry_points_run():
   # `kernels.py --stages` times these beside the Triton kernels on the GPU.
   bs = TRITON_BS
   calls = mosaic_calls(stage_calls(bs, 1, 2 * C, 1, 64, 2, interpret=True), interpret=True)
-  assert set(calls) == {name + "_mosaic" for name in mosaic.STAGES if name != "wy_grads"}
-  calls.update(mosaic_calls(stage_calls(bs, 1, 2 * C, 1, 64, 1, interpret=True),
-                            interpret=True))
-  assert set(calls) == {name + "_mosaic" for name in mosaic.STAGES}  # wy_grads: L = 1 only
+  assert set(calls) == {name + "_mosaic" for name in mosaic.STAGES}
   l1 = stage_calls(bs, 1, 2 * C, 1, 64, 1, interpret=True)
   assert not wy_pass_calls(stage_calls(bs, 1, 2 * C, 1, 64, 2, interpret=True), True)
   wy = wy_pass_calls(l1, interpret=True, pass_block_v=32)
@@ -226,7 +223,8 @@ def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, dtype, monkeypatch):
   monkeypatch.setenv("PRISM_GPU_BLOCKS", "16,4,3,16,4,32,8,2,1,4,16")
   case = (1, 150, 2, 64, 64, L, C, True, True, dtype)  # T padded, segments, S₀
   check_against_naive(case, backend="gpu", interpret=True, seed=21 + L)
-  # Every stage ran on Mosaic GPU (at L = 2 the WY side stays on Triton), the inverse on Triton.
+  # Every stage ran on Mosaic GPU (at L = 2 the writes after the first of the WY side on
+  # Triton), the inverse on Triton.
   q = jnp.zeros((1, C, 1, 64), jnp.bfloat16)
   k, v = jnp.zeros((1, C, 1, L, 64), jnp.bfloat16), jnp.zeros((1, C, 1, L, 64), jnp.bfloat16)
   beta, g = jnp.ones((1, C, 1, L), jnp.bfloat16), jnp.zeros((1, C, 1))
@@ -238,7 +236,7 @@ def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, dtype, monkeypatch):
                if L <= mosaic.MAX_WRITES.get(name, L)}
   assert not on_mosaic & names, names
   assert {name + "_mosaic" for name in on_mosaic} | {"prism_inverse"} <= names, names
-  assert L == 1 or "prism_wy_grads" in names
+  assert ("prism_wy_further_grads" in names) == (L > 1), names
 
 
 def test_wy_pass_matches_naive_with_and_without_residuals(monkeypatch):
@@ -349,7 +347,7 @@ def test_default_stages_follow_the_measurements():
   assert not on("apply_inverse", 4, 16)
   assert not on("output", 4, 16, dtype=jnp.float32)
   assert not on("state_forward", 4, 16, L=3)  # shared memory holds L ≤ 2
-  assert not on("wy_grads", 4, 16, L=2) and on("state_grads", 4, 16, L=2)
+  assert on("wy_grads", 4, 16, L=3) and on("state_grads", 4, 16, L=2)
   assert wy(4, 16) is None  # off until it has passed its compiled test
   bs = dataclasses.replace(bs, wy_pass=True)
   assert wy(4, 16) is not None
@@ -395,19 +393,31 @@ def test_state_grads_lowers_for_cuda():
   assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("K", [64, 128])
-def test_wy_grads_matches_the_triton_kernel_in_interpret_mode(K):
+def _wy_inputs(seed, K, L):
+  """Arguments of the WY kernels: random keys, values, gates, (I + A)⁻¹, U, Wk and the
+  cotangents that reach them (dX, dX Sᵀ, dS', the local dY^l and the state side's dK^l)."""
+  k, v, beta, G, seq, prev, u, wk, _ = _state_inputs(seed, K=K, V=K, L=L)
+  B, T, H = k.shape[:3]
+  inv = (0.3 * normal(seed + 1, (B, T, H, C))).astype(jnp.bfloat16)
+  dx, dxs = normal(seed + 2, (B, T, H, K)), normal(seed + 3, (B, T, H, K))
+  dh = (0.3 * normal(seed + 4, (B, H, T // C * K, K))).astype(jnp.bfloat16)
+  local = [dx] + [normal(seed + 5 + l, (B, T, H, K)) for l in range(1, L)]
+  dk_state = [normal(seed + 10 + l, (B, T, H, K)) for l in range(L)]
+  return (k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state)
+
+
+@pytest.mark.parametrize("K,L", [(64, 1), (128, 1), (64, 2), (128, 3)])
+def test_wy_grads_matches_the_triton_kernel_in_interpret_mode(K, L):
+  """The Mosaic WY kernel (the erase write; at L ≥ 2 after `wy_further_grads`, the other
+  writes on Triton) against the Triton kernel doing every write."""
   from pallas_kernels.gpu import kernels as gk
   from prism_jax.ops import chunk_math as cm
-  k, v, beta, G, seq, prev, u, wk, _ = _state_inputs(61 + K, K=K, V=K, L=1)
-  B, T, H = k.shape[:3]
-  inv = (0.3 * normal(62, (B, T, H, C))).astype(jnp.bfloat16)
-  dx, dxs, dk_state = (normal(63 + i, (B, T, H, K)) for i in range(3))
-  dh = jnp.zeros((B, H, T // C * K, K), jnp.bfloat16)  # read only for further writes
-  args = (k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, [dx], [dk_state])
-  out = mosaic.wy_grads(*args, interpret=True)
-  bs = TRITON_BS
-  ref = gk.wy_grads(*args, bs=bs, precision=cm.BF16, solve=cm.BF16, interpret=True)
+  from benchmarks.kernels import further_args
+  args = _wy_inputs(61 + K + L, K, L)
+  kw = dict(bs=TRITON_BS, precision=cm.BF16, solve=cm.BF16, interpret=True)
+  further = gk.wy_further_grads(*further_args(args), **kw) if L > 1 else None
+  out = mosaic.wy_grads(*args, interpret=True, further=further)
+  ref = gk.wy_grads(*args, **kw)
   for name, o, r in zip(("dk", "dv", "dbeta", "dG"), out, ref, strict=True):
     assert o.shape == r.shape and o.dtype == r.dtype, name
     # dk, dv and dβ are rounded to bf16 at the end. dG is a float32 sum, but of products whose
@@ -419,16 +429,28 @@ def test_wy_grads_matches_the_triton_kernel_in_interpret_mode(K):
     assert_close(name, np.asarray(r, np.float32), np.asarray(o, np.float32), tol=5e-3)
 
 
-def test_wy_grads_lowers_for_cuda_and_takes_only_one_write():
+def test_wy_grads_lowers_for_cuda_and_needs_the_further_writes_exactly_at_l2(monkeypatch):
   pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
-  k, v, beta, G, seq, prev, u, wk, _ = _state_inputs(66, K=128, V=128, L=1)
-  B, T, H = k.shape[:3]
-  f32 = jnp.zeros((B, T, H, 128))
-  inv = jnp.zeros((B, T, H, C), jnp.bfloat16)
-  fn = jax.jit(lambda *a: mosaic.wy_grads(*a, None, [f32], [f32]))
-  assert "mosaic_gpu" in fn.trace(k, v, beta, G, seq, prev, inv, u, wk, f32, f32).lower(
-      lowering_platforms=("cuda",)).as_text()
-  assert "L = 2" in mosaic.stage_reason("wy_grads", wk, jnp.concatenate([k, k], axis=3), v, C)
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration
+  h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)  # lowering Triton on CPU
+  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h200)
+  from pallas_kernels.gpu import kernels as gk
+  from prism_jax.ops import chunk_math as cm
+  from benchmarks.kernels import further_args
+  args = _wy_inputs(66, 128, 2)
+  bs = gk.BlockSizes()
+  kw = dict(bs=bs, precision=cm.BF16, solve=cm.BF16, interpret=False)
+  fn = jax.jit(lambda *a: mosaic.wy_grads(
+      *a, further=gk.wy_further_grads(*further_args(a), **kw)))
+  text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text and "prism_wy_further_grads" in text
+  with pytest.raises(ValueError, match="L = 2 needs the further writes"):
+    mosaic.wy_grads(*args)
+  l1 = _wy_inputs(67, 64, 1)
+  with pytest.raises(ValueError, match="L = 1 needs the further writes"):
+    mosaic.wy_grads(*l1, further=(None,) * 6)
+  with pytest.raises(ValueError, match="only the erase write is left"):
+    gk.wy_further_grads(*further_args(l1), **kw)
 
 
 def test_mosaic_stages_under_vmap_match_each_problem_alone(monkeypatch):
