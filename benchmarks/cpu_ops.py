@@ -65,7 +65,8 @@ def main():
 
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip() or "unknown"
-  print(f"date {datetime.date.today()}, commit {commit}, {platform.processor() or platform.machine()}"
+  cpu = platform.processor() or platform.machine()
+  print(f"date {datetime.date.today()}, commit {commit}, {cpu}"
         f", {jax.device_count()} CPU device(s), jax {jax.__version__}")
   print(f"B={B} H={H} K=V={K} L={L} float32, median of {args.repeats} after warm-up, ms")
   print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)\n")

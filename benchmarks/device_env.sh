@@ -2,7 +2,8 @@
 # (`job`, `run_job`) and the packing of the logs (`finish`).
 # .whl/ (ignored) holds the wheels the GPU image lacks: flash-linear-attention 0.6.0 and fla-core
 # 0.6.0 (kernel comparison) and ml_collections (configs of the training code), fetched with
-# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64`.
+# `pip download --no-deps --only-binary=:all: --python-version 3.12
+#  --platform manylinux2014_x86_64`.
 # The tree that travels to a remote machine can carry a .git that lags behind it: pass
 # PRISM_COMMIT=<hash of the tree> so the benchmarks' provenance lines name the right commit.
 # JAX's persistent compilation cache lives in .jcache/ (ignored; carry it to reuse the builds of an
@@ -21,9 +22,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD:$PWD/tests/kernels:${PYTHONPATH:-}
-{ date -u; echo "PRISM_COMMIT=${PRISM_COMMIT:-unset}, .git HEAD $(git log -1 --format=%h 2>/dev/null)"; nvidia-smi --query-gpu=index,name,clocks.sm,memory.total \
-  --format=csv; python3 -c "import jax, triton; print(jax.__version__, triton.__version__, jax.devices())"; } \
-  >> "$LOG/env.txt" 2>&1
+{ date -u
+  echo "PRISM_COMMIT=${PRISM_COMMIT:-unset}, .git HEAD $(git log -1 --format=%h 2>/dev/null)"
+  nvidia-smi --query-gpu=index,name,clocks.sm,memory.total --format=csv
+  python3 -c "import jax, triton; print(jax.__version__, triton.__version__, jax.devices())"
+} >> "$LOG/env.txt" 2>&1
 
 # A job's extra arguments come from ARGS_<job> and extra environment from ENV_<job>
 # ("NAME=value ..."); a digit suffix runs a job again under another name (throughput2 with

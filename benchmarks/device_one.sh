@@ -8,8 +8,8 @@
 # Jobs (device_env.sh): throughput, probing, ablations, recsys, recsys_ablations, kernel_tests,
 # compile_matrix, stages, mosaic_stages, profile, kernel_bench, acceptance, gpu_tests, scaling.
 # Each is killed at LIMIT_<job> seconds (default 300) and keeps what it already printed;
-# ARGS_<job> adds arguments. Logs land in $OUT/results.tgz (+ jcache.tgz); carry .whl, .jcache and data_cache
-# (MovieLens-100k from scripts/fetch_movielens.sh).
+# ARGS_<job> adds arguments. Logs land in $OUT/results.tgz (+ jcache.tgz); carry .whl, .jcache
+# and data_cache (MovieLens-100k from scripts/fetch_movielens.sh).
 set -o pipefail
 source "$(dirname "$0")/device_env.sh"
 for phase in "$@"; do

@@ -22,7 +22,10 @@ find_python() {
 }
 
 if [ ! -x .venv/bin/python ]; then
-  PY=$(find_python) || { echo "setup: need Python >= 3.12 (set PRISM_PYTHON=/path/to/python3.12)" >&2; exit 1; }
+  PY=$(find_python) || {
+    echo "setup: need Python >= 3.12 (set PRISM_PYTHON=/path/to/python3.12)" >&2
+    exit 1
+  }
   echo "setup: creating .venv with $PY"
   "$PY" -m venv .venv
 fi

@@ -114,7 +114,8 @@ def load_text_corpus(path: str = "", *, val_percent: float = 5.0, token_dtype: s
     corpus = stdlib_corpus(val_percent)
   elif not os.path.exists(path):
     raise ValueError(f"data.path={path!r} does not exist; point it at a text file, a directory "
-                     "of text files or a .bin token file (or leave it empty for the default corpus)")
+                     "of text files or a .bin token file (or leave it empty for the default "
+                     "corpus)")
   elif os.path.isdir(path):
     relpaths = sorted(os.path.relpath(os.path.join(d, n), path)
                       for d, _, names in os.walk(path) for n in names)

@@ -57,7 +57,8 @@ class Checkpointer:
 
   def read_meta(self, step: int) -> dict:
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+      return self.manager.restore(step, args=args)["meta"]
     except Exception as e:
       raise CheckpointError(_corrupt(self.directory, step, e)) from e
 

@@ -295,7 +295,8 @@ class Trainer:
       say(f"metrics: {runlog.path}; plot: {plot_losses(self.run_dir)}")
       self._report(info, result, say)
       if cfg.sample.max_new_tokens > 0 and cfg.task == "lm" and jax.process_count() == 1:
-        say("sample:\n" + sample_text(self.model(state["params"]), cfg, self.task.corpus.byte_level))
+        text = sample_text(self.model(state["params"]), cfg, self.task.corpus.byte_level)
+        say("sample:\n" + text)
     self.state = state
     return result
 

@@ -1,4 +1,5 @@
-"""Recommendation logs: the three file formats, malformed lines, k-core, leave-one-out, synthetic."""
+"""Recommendation logs: the three file formats, malformed lines, k-core, leave-one-out and
+synthetic data."""
 
 import numpy as np
 import pytest

@@ -14,7 +14,8 @@ ARGS = TINY + ["--config.train.steps=16", "--config.train.checkpoint_every=4",
 
 
 def _one_line_error(proc, rc, *fragments):
-  assert proc.returncode == rc, f"rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+  tails = f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+  assert proc.returncode == rc, f"rc {proc.returncode}\n{tails}"
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: "), proc.stderr[-2000:]

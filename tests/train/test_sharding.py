@@ -52,7 +52,8 @@ def test_tree_shardings_and_optimizer_state_follow_params():
 
 def _constraints(fn, x):
   jaxpr = jax.make_jaxpr(fn)(x)
-  return [e.params["sharding"].spec for e in jaxpr.eqns if e.primitive.name == "sharding_constraint"]
+  return [e.params["sharding"].spec for e in jaxpr.eqns
+          if e.primitive.name == "sharding_constraint"]
 
 
 def test_shard_batch_hints_the_batch_axes_only_under_a_mesh():
