@@ -12,9 +12,10 @@ value block of 64 or 32 columns and batch·head, the next chunk's operands loadi
 current one computes), and, one program per (chunk, batch·head) over the whole value width,
 `apply_inverse` (U and Wk), `output` (O = γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l), `local_dy`
 (P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO of every write), `state_grads` (the state side of the
-gradients, per key block of 64 too) and `wy_grads` (the WY side, L = 1 and K = V only). Only the
-(I + A)⁻¹ kernel has no Mosaic version: its 16 × 16 float32 blocks are below the 64-row WGMMA
-tile, whose float32 operands are TF32.
+gradients, per key block of 64 too) and `wy_grads` (the WY side, K = V only: the erase write;
+at L ≥ 2 the Triton kernel `wy_further_grads` computes the other writes and it adds their
+terms). Only the (I + A)⁻¹ kernel has no Mosaic version: its 16 × 16 float32 blocks are below
+the 64-row WGMMA tile, whose float32 operands are TF32.
 Operands travel by TMA into swizzled shared memory and every product runs on the warpgroup
 tensor cores (WGMMA); the masked, decayed C × C scores are written back to shared memory in the
 16-bit input type for the second product (the rounding the Triton kernels apply too). The C × C
