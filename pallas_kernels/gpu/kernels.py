@@ -58,9 +58,11 @@ class BlockSizes:
   state_forward 0.323 / 0.325); apply_inverse stays on Triton (0.152 against 0.114).
   wy_pass: at L = 1, where the state pass runs on Mosaic GPU at full width, it forms U and Wk
   itself (`mosaic.wy_state_forward`) in place of apply_inverse: 0.223 ms with the backward's U
-  and Wk stored, 0.172 without, against 0.263 for apply_inverse then the state pass. Off until
-  its compiled test (`test_compiled_mosaic_stages_match_naive[L1-wy-pass]`) has passed on the
-  H200: it has been timed there, but checked against the reference only in interpret mode.
+  and Wk stored, 0.172 without, against 0.263 for apply_inverse then the state pass (H200); its
+  compiled test (`test_compiled_mosaic_stages_match_naive[L1-wy-pass]`) passed on an H100.
+  further_num_warps: warps of `wy_further_grads`, the WY-side gradients of the writes after the
+  first (L ≥ 2; H100, B4 T4096 H16 K=V=128: 8 warps 0.686 / 2.108 ms at L = 2 / 3 against
+  0.907 / 2.537 with 4, where it spills more registers).
   inverse_diag: how the inverse kernel inverts its diagonal 16 × 16 blocks, "rows" (forward
   substitution, elementwise) or "doubling" (`cm.unit_lower_inverse`); inverse_block_k: key
   columns per step of its K¹K¹ᵀ products (0: the whole key width at once; 64 columns took
@@ -83,13 +85,14 @@ class BlockSizes:
   mosaic: tuple = ("state_forward", "output", "local_dy", "state_backward", "state_grads",
                    "wy_grads")
   mosaic_narrow: bool = True
-  wy_pass: bool = False
+  wy_pass: bool = True
   inverse_diag: str = "rows"
   inverse_block_k: int = 64
+  further_num_warps: int = 8
 
   FIELDS = ("block_v", "num_warps", "num_stages", "block_k", "grads_num_warps", "seq_block_v",
             "seq_num_warps", "inverse_num_warps", "seq_min_programs", "seq_narrow_warps",
-            "chunk_block_v", "inverse_block_k")
+            "chunk_block_v", "inverse_block_k", "further_num_warps")
 
   @classmethod
   def parse(cls, spec: str, chunk: int = 64) -> "BlockSizes":
@@ -133,7 +136,7 @@ class BlockSizes:
 # The BlockSizes field that sets each kernel's warps (num_warps for the others).
 WARPS_FIELD = {"prism_state_forward": "seq_num_warps", "prism_state_backward": "seq_num_warps",
                "prism_state_grads": "grads_num_warps", "prism_wy_grads": "grads_num_warps",
-               "prism_wy_further_grads": "grads_num_warps", "prism_inverse": "inverse_num_warps"}
+               "prism_wy_further_grads": "further_num_warps", "prism_inverse": "inverse_num_warps"}
 
 
 def warps(bs: BlockSizes, name: str) -> int:

@@ -348,10 +348,11 @@ def test_default_stages_follow_the_measurements():
   assert not on("output", 4, 16, dtype=jnp.float32)
   assert not on("state_forward", 4, 16, L=3)  # shared memory holds L ≤ 2
   assert on("wy_grads", 4, 16, L=3) and on("state_grads", 4, 16, L=2)
-  assert wy(4, 16) is None  # off until it has passed its compiled test
-  bs = dataclasses.replace(bs, wy_pass=True)
   assert wy(4, 16) is not None
   assert wy(1, 16) is None and wy(4, 16, L=2) is None and wy(4, 16, dtype=jnp.float32) is None
+  assert _wy_pass(dataclasses.replace(bs, wy_pass=False), *shapes(4, 16), residuals=True,
+                  interpret=False) is None
+  assert gk.warps(bs, "prism_wy_further_grads") == 8
   bs = dataclasses.replace(bs, mosaic_narrow=False)
   assert not on("state_forward", 1, 16) and not on("state_backward", 1, 16)
 
