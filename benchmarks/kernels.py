@@ -461,13 +461,17 @@ def main():
         int(x) for x in a.table_writes.split(","))
     for L in writes:
       args, do = make_inputs(B, T, H, D, L)
+      # Seconds each timing took, compiles and autotuning included: where a job's limit goes.
+      wall, t0 = {}, time.perf_counter()
       if L == 1:
         try:
           fla = time_fla(args, do)
         except Exception as err:  # keep the JAX rows when the PyTorch side breaks
           print(f"fla failed: {err!r}"[:3000], file=sys.stderr)
+        wall["fla"] = round(time.perf_counter() - t0, 1)
       row = {"shape": f"B{B} T{T} H{H} K=V={D}", "L": L}
       for impl in impls:
+        t0 = time.perf_counter()
         try:
           # The sequential scan keeps every per-step state for its backward (tens of GiB at
           # these shapes): forward only.
@@ -476,7 +480,9 @@ def main():
         except Exception as err:  # one failing implementation must not hide the others
           print(f"{impl} L={L} failed: {err!r}"[:3000], file=sys.stderr)
           row[impl] = None
+        wall[impl] = round(time.perf_counter() - t0, 1)
       row["fla_L1"] = fla
+      row["wall_s"] = wall
       row["floor"] = (floor_ms(B, T, H, D, L), floor_ms(B, T, H, D, L, backward=True))
       rows.append(row)
       print(json.dumps(row), flush=True)
