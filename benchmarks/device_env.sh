@@ -67,6 +67,7 @@ job() {
     # (L = 1, where the passes run 32-column blocks): what decides each stage's backend.
     mosaic_stages)
       local all=apply_inverse,state_forward,output,local_dy,state_backward,state_grads,wy_grads
+      all=$all,wy_further_grads
       local both=$(echo $all | sed 's/\([a-z_]*\)/\1,\1_mosaic/g')
       both=$both,wy_state_forward_mosaic,wy_state_forward_inference_mosaic
       python3 -W ignore benchmarks/kernels.py --stages --writes 1,2 --only $both $extra

@@ -282,8 +282,8 @@ def mosaic_calls(calls, interpret=False, pass_block_v=64):
   out = {}
   L = calls["inverse"][1][0].shape[3]  # the keys [B, T, H, L, K] of the inverse kernel
   for stage in mosaic.STAGES:
-    if L > mosaic.MAX_WRITES.get(stage, L):
-      continue  # more writes than its shared memory holds
+    if L > mosaic.MAX_WRITES.get(stage, L) or stage not in calls:
+      continue  # more writes than its shared memory holds, or none after the first (L = 1)
     fn = getattr(mosaic, stage)
     kw = dict(chunk=CHUNK, interpret=interpret)
     params = inspect.signature(fn).parameters

@@ -50,8 +50,9 @@ class BlockSizes:
   warps), ...) overriding the above (tuning runs); kernel_stages: the same for num_stages
   (`fitted` sets it); mosaic: stages to run on the Mosaic GPU versions of gpu/mosaic.py where
   those take the shapes (a pass over chunks at 32-column blocks, where `seq_tiling` narrows
-  them, only with mosaic_narrow): every stage but apply_inverse, each measured at least as fast
-  as its Triton kernel on the H200 (2026-12-05, ms, Mosaic against Triton, B4 T4096 H16
+  them, only with mosaic_narrow): every stage but apply_inverse and wy_further_grads (whose
+  Mosaic version has not been timed on a GPU yet), each measured at least as fast as its
+  Triton kernel on the H200 (2026-12-05, ms, Mosaic against Triton, B4 T4096 H16
   K=V=128 L = 1: state_grads 0.454 / 0.552 (L = 2: 0.641 / 1.280), wy_grads 0.261 / 0.389,
   output 0.112 / 0.138, state_forward 0.149 / 0.161, state_backward 0.218 / 0.227, local_dy
   0.100 / 0.101; at B1 T16384 with 32-column passes state_backward 0.487 / 0.521 and

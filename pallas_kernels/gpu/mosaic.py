@@ -3,19 +3,21 @@
 JAX 0.11 deprecates the Pallas Triton backend and recommends Mosaic GPU on Hopper. Which
 backend each stage uses is decided by timing both on the H200 (`benchmarks/kernels.py --stages`
 lists the Mosaic versions beside the Triton ones): `BlockSizes.mosaic` names the stages whose
-Mosaic version was at least as fast (all but apply_inverse, the passes at 32 columns too), and
+Mosaic version was at least as fast (all but apply_inverse, the passes at 32 columns too; not
+wy_further_grads, untimed so far), and
 `PRISM_MOSAIC_STAGES` replaces that list for tuning runs. `wy_state_forward` is the state pass
 at L = 1 forming U and Wk itself, in place of apply_inverse (`BlockSizes.wy_pass`).
 
-Seven stages: the two passes over chunks, `state_forward` and `state_backward` (one program per
-value block of 64 or 32 columns and batch·head, the next chunk's operands loading while the
-current one computes), and, one program per (chunk, batch·head) over the whole value width,
-`apply_inverse` (U and Wk), `output` (O = γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l), `local_dy`
-(P^lᵀ dO = causal((Q K^lᵀ) ⊙ D)ᵀ dO of every write), `state_grads` (the state side of the
-gradients, per key block of 64 too) and `wy_grads` (the WY side, K = V only: the erase write;
-at L ≥ 2 the Triton kernel `wy_further_grads` computes the other writes and it adds their
-terms). Only the (I + A)⁻¹ kernel has no Mosaic version: its 16 × 16 float32 blocks are below
-the 64-row WGMMA tile, whose float32 operands are TF32.
+Eight stages: the two passes over chunks, `state_forward` and `state_backward` (one program per
+value block of 64 or 32 columns and batch·head, the next chunk's operands loading while the current
+one computes), and, one program per (chunk, batch·head) over the whole value width, `apply_inverse`
+(U and Wk), `output` (O = γ ⊙ Q S + Σ_l causal((Q K^lᵀ) ⊙ D) Y^l), `local_dy` (P^lᵀ dO = causal((Q
+K^lᵀ) ⊙ D)ᵀ dO of every write), `state_grads` (the state side of the gradients, per key block of 64
+too), `wy_grads` (the WY side, K = V only: the erase write; at L ≥ 2 `wy_further_grads`, on Triton
+or here, computes the other writes first and it adds their terms) and `wy_further_grads` (one
+program per chunk, batch·head and write after the first; not in the default list until it has been
+timed on a GPU). Only the (I + A)⁻¹ kernel has no Mosaic version: its 16 × 16 float32 blocks are
+below the 64-row WGMMA tile, whose float32 operands are TF32.
 Operands travel by TMA into swizzled shared memory and every product runs on the warpgroup
 tensor cores (WGMMA); the masked, decayed C × C scores are written back to shared memory in the
 16-bit input type for the second product (the rounding the Triton kernels apply too). The C × C
@@ -62,7 +64,7 @@ def unsupported_reason(q, k, v, chunk) -> str | None:
 
 
 STAGES = ("apply_inverse", "state_forward", "output", "local_dy", "state_backward",
-          "state_grads", "wy_grads")
+          "state_grads", "wy_grads", "wy_further_grads")
 # Writes whose per-chunk operands fit Hopper's 227 KB of shared memory per block (bf16 at
 # K = V = 128: apply_inverse about 180 KB and the double-buffered state pass about 210 KB at
 # L = 2).
@@ -77,7 +79,8 @@ def stage_reason(stage, q, k, v, chunk) -> str | None:
   reason = unsupported_reason(q, k, v, chunk)
   if reason is None and k.shape[3] > MAX_WRITES.get(stage, k.shape[3]):
     return f"L = {k.shape[3]} (shared memory holds the operands up to L = {MAX_WRITES[stage]})"
-  if reason is None and stage == "wy_grads" and q.shape[-1] != v.shape[-1]:
+  wy_side = stage in ("wy_grads", "wy_further_grads")
+  if reason is None and wy_side and q.shape[-1] != v.shape[-1]:
     return f"K = {q.shape[-1]} ≠ V = {v.shape[-1]} (its staging buffers take either)"
   return reason
 
@@ -879,3 +882,113 @@ def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state,
   fill = lambda slots, x: slots.at[:, :, :, 0].set(x)[:, :, :, :L]
   return (fill(dk_slots, dk), fill(dv_slots, dv), fill(dbeta_slots, dbeta),
           dG + dG_more)
+
+
+def wy_further_grads(k, v, beta, G, seq, prev, inv, dx, dh, local, dk_state, *, chunk=64,
+                     interpret=False):
+  """The writes l ≥ 2 of the WY side at K = V, as `kernels.wy_further_grads`, before `wy_grads`
+  does the erase write: dk [B,T,H,L,K] (k's dtype) and dv [B,T,H,L,V] (v's dtype) with every
+  slot but the first written, dβ [B,T,H,L] (β's dtype, the first slot 0), the erase write's
+  dK¹ so far [B,T,H,K] float32 (dk_state[0] plus these writes' terms), and these writes' terms
+  of dβ¹ and dG [B,T,H] float32. Arguments as `kernels.wy_further_grads`: k, v, beta, inv
+  [B,T,H,C] and dh [B,H,N·K,V] in one 16-bit dtype; dx, local and dk_state float32.
+
+  One program per (chunk, batch·head, write l ≥ 2), whole key and value widths, every product
+  on WGMMA with 16-bit operands (the roundings of the Triton kernel): dR = Tᵀ dX, M_raw =
+  strict(K¹ K^lᵀ ⊙ D), dM = −strict(dR W^lᵀ) with W^l = β^l ⊙ V^l, dW^l = dY^l − (β¹ ⊙
+  M_raw)ᵀ dR with dY^l = P^lᵀ dO + e ⊙ K^l dS'; then dV^l = β^l ⊙ dW^l, dβ^l = rowsum(dW^l ⊙
+  V^l), dK^l = dk_state^l + (β¹ ⊙ dM ⊙ D)ᵀ K¹, the term (β¹ ⊙ dM ⊙ D) K^l of dK¹, and the
+  row sums of dM ⊙ M_raw (dβ¹) and of Ψ = β¹ ⊙ dM ⊙ M_raw, with its column sums (dG). Each
+  write's dK¹ terms and vectors go to a slot of their own, which XLA sums over the writes (at
+  L = 2 there is one). dX, dY^l's local part and the two dk_state rows arrive in float32
+  through two staging buffers, refilled while the products run.
+  """
+  _check("wy_further_grads", k[:, :, :, 0], k, v, chunk)
+  B, T, H, L, K = k.shape
+  if L < 2:
+    raise ValueError(f"mosaic.wy_further_grads: L = {L}; only the erase write is left at L = 1")
+  V, C, dtype, N, f32 = v.shape[-1], chunk, k.dtype, T // chunk, jnp.float32
+  _, to_end = pass_gates(G, seq, prev, C)  # [B, T, H]
+
+  def body(k_gmem, v_gmem, beta_gmem, G_gmem, seq_gmem, e_gmem, inv_gmem, dx_gmem, dh_gmem,
+           local_gmem, dk1_in_gmem, dks_gmem, dk_gmem, dv_gmem, dk1_gmem, parts_gmem,
+           k1_smem, kl_smem, vl_smem, inv_smem, dh_smem, dx_smem, dr_smem, braw_smem, dkd_smem,
+           stage_smem, vec_smem, part_smem, col_smem, bar, bar2):
+    n, bh, w = lax.axis_index("n"), lax.axis_index("bh"), lax.axis_index("w")
+    b, hd, l = bh // H, bh % H, w + 1
+    rows = pl.ds(n * C, C)
+    _copy_in([(k_gmem.at[b, rows, hd, 0], k1_smem), (k_gmem.at[b, rows, hd, l], kl_smem),
+              (v_gmem.at[b, rows, hd, l], vl_smem), (inv_gmem.at[b, rows, hd], inv_smem),
+              (dh_gmem.at[b, hd, pl.ds(n * K, K)], dh_smem),
+              (dx_gmem.at[b, rows, hd], stage_smem.at[0]),
+              (local_gmem.at[w, b, rows, hd], stage_smem.at[1]),
+              (beta_gmem.at[b, hd, 0, rows], vec_smem.at[4]),
+              (beta_gmem.at[b, hd, l, rows], vec_smem.at[5]),
+              (e_gmem.at[b, hd, rows], vec_smem.at[6])]
+             + _gate_copies(G_gmem, seq_gmem, b, hd, rows, vec_smem), bar)
+    dx_smem[...] = stage_smem[0].astype(dtype)
+    plgpu.commit_smem()  # a warpgroup barrier too: the first staging buffer can be refilled
+    _start_copies([(dks_gmem.at[w, b, rows, hd], stage_smem.at[0])], bar2)
+    b1, bl, e = (_rows(vec_smem.at[i]) for i in (4, 5, 6))
+    decay, strict = _chunk_decay(vec_smem, C, query_rows=True, strict=True, with_mask=True)
+    dr = _product(inv_smem.transpose((1, 0)), dx_smem, (C, V))  # dR = Tᵀ dX
+    dr_smem[...] = dr.astype(dtype)
+    raw = _product(k1_smem, kl_smem.transpose((1, 0)), (C, C)) * decay  # M_raw
+    braw_smem[...] = (_on_rows(b1, C) * raw).astype(dtype)
+    dx_smem[...] = (_on_rows(bl, V) * vl_smem[...].astype(f32)).astype(dtype)  # W^l; dX is read
+    plgpu.commit_smem()
+    dm = jnp.where(strict, -_product(dr_smem, dx_smem.transpose((1, 0)), (C, C)), 0.0)
+    dbeta1 = jnp.sum(dm * raw, axis=1)
+    psi = _on_rows(b1, C) * dm * raw
+    psi_rows, psi_cols = jnp.sum(psi, axis=1), jnp.sum(psi, axis=0)
+    dkd_smem[...] = (_on_rows(b1, C) * dm * decay).astype(dtype)
+    plgpu.commit_smem()
+    dw = (stage_smem[1] + _on_rows(e, V) * _product(kl_smem, dh_smem, (C, V))
+          - _product(braw_smem.transpose((1, 0)), dr_smem, (C, V)))
+    plgpu.commit_smem()  # every thread has read the second staging buffer
+    _start_copies([(dk1_in_gmem.at[b, rows, hd], stage_smem.at[1])], bar2, first=1)
+    dbeta = jnp.sum(dw * vl_smem[...].astype(f32), axis=1)
+    _store(_on_rows(bl, V) * dw, dx_smem, dv_gmem.at[b, rows, hd, l])
+    plgpu.barrier_wait(bar2.at[0])
+    dk = stage_smem[0] + _product(dkd_smem.transpose((1, 0)), k1_smem, (C, K))
+    _store(dk, dr_smem, dk_gmem.at[b, rows, hd, l])
+    plgpu.barrier_wait(bar2.at[1])
+    # dk_state[0] enters the sum over writes once, in the first write's slot.
+    first = (w == 0).astype(f32)
+    dk1 = first * stage_smem[1] + _product(dkd_smem, kl_smem, (C, K))
+    _store(dk1, stage_smem.at[0], dk1_gmem.at[w, b, rows, hd])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for i, part in enumerate((dbeta, dbeta1, psi_rows)):
+      part_smem[i] = part
+    col_smem[...] = psi_cols
+    plgpu.commit_smem()
+    for i in range(3):
+      plgpu.copy_smem_to_gmem(part_smem.at[i], parts_gmem.at[w, i, b, hd, rows])
+    plgpu.copy_smem_to_gmem(col_smem, parts_gmem.at[w, 3, b, hd, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  more = lambda xs: jnp.stack(xs)  # the writes l ≥ 2 on a leading axis (L = 2: no copy)
+  dk, dv, dk1, parts = plgpu.kernel(
+      body,
+      out_type=[jax.ShapeDtypeStruct((B, T, H, L, K), dtype),
+                jax.ShapeDtypeStruct((B, T, H, L, V), v.dtype),
+                jax.ShapeDtypeStruct((L - 1, B, T, H, K), f32),
+                jax.ShapeDtypeStruct((L - 1, 4, B, H, T), f32)],
+      scratch_types=[_operand_smem((C, K), dtype), _operand_smem((C, K), dtype),
+                     _operand_smem((C, V), dtype), _operand_smem((C, C), dtype),
+                     _operand_smem((K, V), dtype), _operand_smem((C, V), dtype),
+                     _operand_smem((C, V), dtype), _operand_smem((C, C), dtype),
+                     _operand_smem((C, C), dtype), plgpu.SMEM((2, C, K), f32),
+                     plgpu.SMEM((7, C), f32), plgpu.SMEM((3, C), f32), plgpu.SMEM((C,), f32),
+                     plgpu.Barrier(num_barriers=14), plgpu.Barrier(num_barriers=2)],
+      grid=(N, B * H, L - 1), grid_names=("n", "bh", "w"), interpret=_interpret(interpret),
+      kernel_name="prism_wy_further_grads_mosaic",
+  )(k, v, _head_major(beta), _head_major(G), seq, _head_major(to_end), inv, dx, dh,
+    more(local[1:]), dk_state[0], more(dk_state[1:]))
+  to_bth = lambda a: jnp.swapaxes(a, -1, -2)  # [..., H, T] → [..., T, H]
+  parts = jnp.moveaxis(parts, 1, 0)  # [4, L − 1, B, H, T]
+  dbeta = jnp.concatenate([jnp.zeros((B, T, H, 1), f32),
+                           jnp.moveaxis(to_bth(parts[0]), 0, -1)], axis=-1)
+  dG = jnp.sum(parts[2] - parts[3], axis=0)
+  return (dk, dv, dbeta.astype(beta.dtype), jnp.sum(dk1, axis=0),
+          to_bth(jnp.sum(parts[1], axis=0)), to_bth(dG))

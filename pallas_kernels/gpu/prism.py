@@ -143,10 +143,10 @@ def _bwd(scale, bs, interpret, res, cotangents):
                                                      do, scale=scale)
   wy_args = (k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state)
   if k.shape[3] > 1 and _on_mosaic(bs, "wy_grads", q, k, do):
-    # The writes l ≥ 2 on Triton, then the erase write on Mosaic GPU, which adds to their
-    # terms of dK¹, dβ¹ and dG.
-    further = kernels.wy_further_grads(k, v, beta, G, seq, prev, inv, dx, dh, local, dk_state,
-                                       solve=kw["precision"], **kw)
+    # The writes l ≥ 2 first (on Triton unless bs.mosaic names wy_further_grads), then the
+    # erase write on Mosaic GPU, which adds to their terms of dK¹, dβ¹ and dG.
+    further = stage("wy_further_grads", solve=kw["precision"])(
+        k, v, beta, G, seq, prev, inv, dx, dh, local, dk_state)
     dk, dv, dbeta, dG = mosaic.wy_grads(*wy_args, further=further, chunk=bs.chunk,
                                         interpret=interpret)
   else:

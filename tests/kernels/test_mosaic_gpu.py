@@ -134,7 +134,10 @@ def test_benchmark_entry_points_run():
   assert set(wy) == set(WY_PASS)
   calls.update(wy)
   for name, (fn, args) in calls.items():
-    for out in jax.tree.leaves(fn(*args)):
+    outs = fn(*args)
+    if name == "wy_further_grads_mosaic":  # the erase write's slots are written after it
+      outs = [x[:, :, :, 1:] for x in outs[:3]] + list(outs[3:])
+    for out in jax.tree.leaves(outs):
       assert np.all(np.isfinite(np.asarray(out, np.float32))), name
 
 
@@ -223,8 +226,8 @@ def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, dtype, monkeypatch):
   monkeypatch.setenv("PRISM_GPU_BLOCKS", "16,4,3,16,4,32,8,2,1,4,16")
   case = (1, 150, 2, 64, 64, L, C, True, True, dtype)  # T padded, segments, S₀
   check_against_naive(case, backend="gpu", interpret=True, seed=21 + L)
-  # Every stage ran on Mosaic GPU (at L = 2 the writes after the first of the WY side on
-  # Triton), the inverse on Triton.
+  # Every stage ran on Mosaic GPU (at L = 2 the WY side's writes after the first too), the
+  # inverse on Triton.
   q = jnp.zeros((1, C, 1, 64), jnp.bfloat16)
   k, v = jnp.zeros((1, C, 1, L, 64), jnp.bfloat16), jnp.zeros((1, C, 1, L, 64), jnp.bfloat16)
   beta, g = jnp.ones((1, C, 1, L), jnp.bfloat16), jnp.zeros((1, C, 1))
@@ -233,10 +236,9 @@ def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, dtype, monkeypatch):
   names = set(launched_kernels(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(q, k, v, beta,
                                                                               g).jaxpr))
   on_mosaic = {"prism_" + name for name in mosaic.STAGES
-               if L <= mosaic.MAX_WRITES.get(name, L)}
+               if L <= mosaic.MAX_WRITES.get(name, L) and (L > 1 or name != "wy_further_grads")}
   assert not on_mosaic & names, names
   assert {name + "_mosaic" for name in on_mosaic} | {"prism_inverse"} <= names, names
-  assert ("prism_wy_further_grads" in names) == (L > 1), names
 
 
 def test_wy_pass_matches_naive_with_and_without_residuals(monkeypatch):
@@ -348,6 +350,7 @@ def test_default_stages_follow_the_measurements():
   assert not on("output", 4, 16, dtype=jnp.float32)
   assert not on("state_forward", 4, 16, L=3)  # shared memory holds L ≤ 2
   assert on("wy_grads", 4, 16, L=3) and on("state_grads", 4, 16, L=2)
+  assert not on("wy_further_grads", 4, 16, L=2)  # not timed on a GPU yet
   assert wy(4, 16) is not None
   assert wy(1, 16) is None and wy(4, 16, L=2) is None and wy(4, 16, dtype=jnp.float32) is None
   assert _wy_pass(dataclasses.replace(bs, wy_pass=False), *shapes(4, 16), residuals=True,
@@ -428,6 +431,46 @@ def test_wy_grads_matches_the_triton_kernel_in_interpret_mode(K, L):
     # float64 evaluation of the same roundings both kernels are equally close). So the bf16
     # tolerance for all four.
     assert_close(name, np.asarray(r, np.float32), np.asarray(o, np.float32), tol=5e-3)
+
+
+@pytest.mark.parametrize("K,L", [(64, 2), (128, 3)])
+def test_wy_further_grads_matches_the_triton_kernel_in_interpret_mode(K, L):
+  """The Mosaic kernel for the WY side's writes after the first against the Triton one: the
+  slots of those writes in dk, dv and dβ, the erase write's dK¹ so far, and their terms of dβ¹
+  and dG (at L = 3 summed over two programs)."""
+  from pallas_kernels.gpu import kernels as gk
+  from prism_jax.ops import chunk_math as cm
+  from benchmarks.kernels import further_args
+  seed = int(np.random.default_rng().integers(1 << 16))
+  args = further_args(_wy_inputs(seed, K, L))
+  out = mosaic.wy_further_grads(*args, interpret=True)
+  ref = gk.wy_further_grads(*args, bs=TRITON_BS, precision=cm.BF16, solve=cm.BF16,
+                            interpret=True)
+  names = ("dk", "dv", "dbeta", "dk1", "dbeta1", "dG")
+  for name, o, r in zip(names, out, ref, strict=True):
+    assert o.dtype == r.dtype, name
+    if name in ("dk", "dv", "dbeta"):  # the first slot is the erase write's, written later
+      assert o.shape[3] == L and r.shape[3] >= L, name
+      o, r = o[:, :, :, 1:], r[:, :, :, 1:L]
+    assert o.shape == r.shape, name
+    # The same 16-bit operands and float32 sums in another order: the bf16 tolerance, as for
+    # the erase write's kernel above.
+    assert_close(name, np.asarray(r, np.float32), np.asarray(o, np.float32), tol=5e-3)
+
+
+def test_wy_further_grads_lowers_for_cuda_and_refuses_what_it_cannot_take():
+  pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
+  from benchmarks.kernels import further_args
+  args = further_args(_wy_inputs(68, 128, 4))  # the largest L the custom_vjp takes
+  fn = jax.jit(lambda *a: mosaic.wy_further_grads(*a[:9], list(a[9]), list(a[10])))
+  lowered = fn.trace(*args[:9], tuple(args[9]), tuple(args[10])).lower(
+      lowering_platforms=("cuda",))
+  assert "prism_wy_further_grads_mosaic" in lowered.as_text()
+  with pytest.raises(ValueError, match="only the erase write is left"):
+    mosaic.wy_further_grads(*further_args(_wy_inputs(69, 64, 1)))
+  k, v, *rest = args
+  with pytest.raises(ValueError, match="K = 128 ≠ V = 64"):
+    mosaic.wy_further_grads(k, v[..., :64], *rest)
 
 
 def test_wy_grads_lowers_for_cuda_and_needs_the_further_writes_exactly_at_l2(monkeypatch):

@@ -50,12 +50,15 @@ def test_float32_at_head_dim_128_falls_back_once_and_matches():
 @pytest.mark.parametrize("stages,blocks,case", [
     # Every stage on Mosaic GPU, the passes at 32 columns (16 programs of 64 would be narrowed).
     ("all,narrow", None, (2, 300, 4, 128, 128, 1, 64, True, True, jnp.bfloat16)),
-    # Six stages (the WY side takes one write), the passes at 64 columns.
+    # Every stage at L = 2 (the WY side's second write on Mosaic too), the passes at 64 columns.
     ("all", "64,4,3,64,4,64,8,2,1", (1, 200, 2, 64, 64, 2, 64, True, True, jnp.bfloat16)),
+    # L = 3: the WY side on Mosaic, one program per write after the first; the passes, the
+    # state side and apply_inverse on Triton (their shared memory holds L ≤ 2).
+    ("all", None, (1, 200, 2, 128, 128, 3, 64, True, True, jnp.bfloat16)),
     # The pass forming U and Wk itself at L = 1, with and without the backward's residuals.
     ("all,wy_pass", "64,4,3,64,4,64,8,2,1",
      (2, 300, 4, 128, 128, 1, 64, True, True, jnp.bfloat16)),
-], ids=["L1-narrow", "L2-wide", "L1-wy-pass"])
+], ids=["L1-narrow", "L2-wide", "L3-further", "L1-wy-pass"])
 def test_compiled_mosaic_stages_match_naive(stages, blocks, case, monkeypatch):
   monkeypatch.setenv("PRISM_MOSAIC_STAGES", stages)
   if blocks:
