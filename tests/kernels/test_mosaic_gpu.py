@@ -216,7 +216,8 @@ def test_wy_state_forward_lowers_for_cuda_and_takes_one_write():
     mosaic.wy_state_forward(k2, v2, beta2, G, seq, prev, inv, h0, residuals=True)
 
 
-@pytest.mark.parametrize("L,dtype", [(1, jnp.bfloat16), (2, jnp.bfloat16), (1, jnp.float16)])
+@pytest.mark.parametrize("L,dtype", [(1, jnp.bfloat16), (2, jnp.bfloat16), (3, jnp.bfloat16),
+                                     (1, jnp.float16)])
 def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, dtype, monkeypatch):
   from kernel_checks import check_against_naive, launched_kernels
   from pallas_kernels import pallas_prism
