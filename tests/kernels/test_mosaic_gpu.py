@@ -498,15 +498,16 @@ def test_wy_grads_lowers_for_cuda_and_needs_the_further_writes_exactly_at_l2(mon
     gk.wy_further_grads(*further_args(l1), **kw)
 
 
-def test_mosaic_stages_under_vmap_match_each_problem_alone(monkeypatch):
+@pytest.mark.parametrize("L", [1, 2])
+def test_mosaic_stages_under_vmap_match_each_problem_alone(L, monkeypatch):
   """A leading vmapped axis (layers, ensembles) through every Mosaic stage, values and
-  gradients, equals running each problem alone."""
+  gradients, equals running each problem alone (at L = 2 the WY side's second write too)."""
   from pallas_kernels import pallas_prism
   from prism_jax.testing import random_prism_inputs
   monkeypatch.setenv("PRISM_MOSAIC_STAGES", "all")
   monkeypatch.setenv("PRISM_GPU_BLOCKS", "16,4,3,16,4,32,8,2,1,4,16")
   seed = int(np.random.default_rng().integers(1 << 16))
-  *inputs, _ = random_prism_inputs(jax.random.key(seed), 2, C, 1, 64, 64, 1)
+  *inputs, _ = random_prism_inputs(jax.random.key(seed), 2, C, 1, 64, 64, L)
   inputs = [x.astype(jnp.bfloat16) if x.ndim > 3 else x for x in inputs]  # g stays float32
   do = normal(seed, (2, C, 1, 64))
   loss = lambda q, k, v, beta, g, do: jnp.sum(pallas_prism(
