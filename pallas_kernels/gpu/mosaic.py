@@ -79,6 +79,8 @@ def stage_reason(stage, q, k, v, chunk) -> str | None:
   reason = unsupported_reason(q, k, v, chunk)
   if reason is None and k.shape[3] > MAX_WRITES.get(stage, k.shape[3]):
     return f"L = {k.shape[3]} (shared memory holds the operands up to L = {MAX_WRITES[stage]})"
+  if reason is None and stage == "wy_further_grads" and k.shape[3] < 2:
+    return f"L = {k.shape[3]}: only the erase write is left, no write after it"
   wy_side = stage in ("wy_grads", "wy_further_grads")
   if reason is None and wy_side and q.shape[-1] != v.shape[-1]:
     return f"K = {q.shape[-1]} ≠ V = {v.shape[-1]} (its staging buffers take either)"
@@ -180,6 +182,21 @@ def _store(x, smem, gmem):
   smem[...] = x.astype(smem.dtype)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(smem, gmem)
+
+
+def _store_vectors(row_parts, col_part, part_smem, col_smem, dst):
+  """[C] vectors to global memory by TMA: row_parts (one value per row of a WGMMA tile) through
+  part_smem, and col_part (one per column) through a buffer of its own (layout inference gives
+  each shared-memory buffer one register layout); dst(i): where vector i goes, col_part last."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  for i, part in enumerate(row_parts):
+    part_smem[i] = part
+  col_smem[...] = col_part
+  plgpu.commit_smem()
+  for i in range(len(row_parts)):
+    plgpu.copy_smem_to_gmem(part_smem.at[i], dst(i))
+  plgpu.copy_smem_to_gmem(col_smem, dst(len(row_parts)))
+  plgpu.wait_smem_to_gmem(0)
 
 
 def _fetch_chunk(copies, bar, slot, per_chunk):
@@ -727,15 +744,8 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, chunk=6
     sds = jnp.sum(h_smem[...].astype(f32) * dh_smem[...].astype(f32), axis=1)
     # One value per row of a WGMMA tile, and colsum Ψ (one per column) in a buffer of its own.
     row_parts = (jnp.sum(psi, axis=1), de, gamma_rows * jnp.sum(qs * dos, axis=1), sds)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    for i, part in enumerate(row_parts):
-      part_smem[i] = part
-    col_smem[...] = jnp.sum(psi, axis=0)
-    plgpu.commit_smem()
-    for i in range(len(row_parts)):
-      plgpu.copy_smem_to_gmem(part_smem.at[i], parts_gmem.at[kb, i, b, hd, rows])
-    plgpu.copy_smem_to_gmem(col_smem, parts_gmem.at[kb, len(row_parts), b, hd, rows])
-    plgpu.wait_smem_to_gmem(0)
+    _store_vectors(row_parts, jnp.sum(psi, axis=0), part_smem, col_smem,
+                   lambda i: parts_gmem.at[kb, i, b, hd, rows])
 
   KB = K // BK
   out = plgpu.kernel(
@@ -848,15 +858,8 @@ def wy_grads(k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state,
     dk = (stage_smem[1] + _on_rows(b1 * gamma_rows, K) * dbk
           + _products([(dkd_smem, k_smem), (dkd_smem.transpose((1, 0)), k_smem)], (C, K)))
     _store(dk, dbk_smem, dk_gmem.at[b, rows, hd])
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    part_smem[0] = dbeta
-    part_smem[1] = jnp.sum(psi, axis=1) + b1 * sbk * gamma_rows
-    col_smem[...] = jnp.sum(psi, axis=0)
-    plgpu.commit_smem()
-    for i in range(2):
-      plgpu.copy_smem_to_gmem(part_smem.at[i], parts_gmem.at[i, b, hd, rows])
-    plgpu.copy_smem_to_gmem(col_smem, parts_gmem.at[2, b, hd, rows])
-    plgpu.wait_smem_to_gmem(0)
+    _store_vectors((dbeta, jnp.sum(psi, axis=1) + b1 * sbk * gamma_rows), jnp.sum(psi, axis=0),
+                   part_smem, col_smem, lambda i: parts_gmem.at[i, b, hd, rows])
 
   dk, dv, parts = plgpu.kernel(
       body,
@@ -905,8 +908,6 @@ def wy_further_grads(k, v, beta, G, seq, prev, inv, dx, dh, local, dk_state, *, 
   """
   _check("wy_further_grads", k[:, :, :, 0], k, v, chunk)
   B, T, H, L, K = k.shape
-  if L < 2:
-    raise ValueError(f"mosaic.wy_further_grads: L = {L}; only the erase write is left at L = 1")
   V, C, dtype, N, f32 = v.shape[-1], chunk, k.dtype, T // chunk, jnp.float32
   _, to_end = pass_gates(G, seq, prev, C)  # [B, T, H]
 
@@ -957,15 +958,8 @@ def wy_further_grads(k, v, beta, G, seq, prev, inv, dx, dh, local, dk_state, *, 
     first = (w == 0).astype(f32)
     dk1 = first * stage_smem[1] + _product(dkd_smem, kl_smem, (C, K))
     _store(dk1, stage_smem.at[0], dk1_gmem.at[w, b, rows, hd])
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    for i, part in enumerate((dbeta, dbeta1, psi_rows)):
-      part_smem[i] = part
-    col_smem[...] = psi_cols
-    plgpu.commit_smem()
-    for i in range(3):
-      plgpu.copy_smem_to_gmem(part_smem.at[i], parts_gmem.at[w, i, b, hd, rows])
-    plgpu.copy_smem_to_gmem(col_smem, parts_gmem.at[w, 3, b, hd, rows])
-    plgpu.wait_smem_to_gmem(0)
+    _store_vectors((dbeta, dbeta1, psi_rows), psi_cols, part_smem, col_smem,
+                   lambda i: parts_gmem.at[w, i, b, hd, rows])
 
   more = lambda xs: jnp.stack(xs)  # the writes l ≥ 2 on a leading axis (L = 2: no copy)
   dk, dv, dk1, parts = plgpu.kernel(
