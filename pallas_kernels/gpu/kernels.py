@@ -61,6 +61,9 @@ class BlockSizes:
   itself (`mosaic.wy_state_forward`) in place of apply_inverse: 0.223 ms with the backward's U
   and Wk stored, 0.172 without, against 0.263 for apply_inverse then the state pass (H200); its
   compiled test (`test_compiled_mosaic_stages_match_naive[L1-wy-pass]`) passed on an H100.
+  mosaic_untimed: also run a Mosaic stage at the L it takes but has not been compiled and timed
+  at on a GPU (`mosaic.TIMED_WRITES`: state_grads at L = 3, where the Triton kernel spills 1.8
+  KB per thread by ptxas), for the runs that test and time it.
   further_num_warps: warps of `wy_further_grads`, the WY-side gradients of the writes after the
   first (L ≥ 2; H100, B4 T4096 H16 K=V=128: 8 warps 0.686 / 2.108 ms at L = 2 / 3 against
   0.907 / 2.537 with 4, where it spills more registers).
@@ -87,6 +90,7 @@ class BlockSizes:
                    "wy_grads")
   mosaic_narrow: bool = True
   wy_pass: bool = True
+  mosaic_untimed: bool = False
   inverse_diag: str = "rows"
   inverse_block_k: int = 64
   further_num_warps: int = 8

@@ -16,8 +16,10 @@ K^lᵀ) ⊙ D)ᵀ dO of every write), `state_grads` (the state side of the gradi
 too), `wy_grads` (the WY side, K = V only: the erase write; at L ≥ 2 `wy_further_grads`, on Triton
 or here, computes the other writes first and it adds their terms) and `wy_further_grads` (one
 program per chunk, batch·head and write after the first; not in the default list until it has been
-timed on a GPU). Only the (I + A)⁻¹ kernel has no Mosaic version: its 16 × 16 float32 blocks are
-below the 64-row WGMMA tile, whose float32 operands are TF32.
+timed on a GPU). `state_grads` also takes L = 3 (one write's dP in shared memory at a time), but
+runs there only with `BlockSizes.mosaic_untimed` until timed on a GPU (`TIMED_WRITES`). Only the
+(I + A)⁻¹ kernel has no Mosaic version: its 16 × 16 float32 blocks are below the 64-row WGMMA
+tile, whose float32 operands are TF32.
 Operands travel by TMA into swizzled shared memory and every product runs on the warpgroup
 tensor cores (WGMMA); the masked, decayed C × C scores are written back to shared memory in the
 16-bit input type for the second product (the rounding the Triton kernels apply too). The C × C
@@ -67,8 +69,12 @@ STAGES = ("apply_inverse", "state_forward", "output", "local_dy", "state_backwar
           "state_grads", "wy_grads", "wy_further_grads")
 # Writes whose per-chunk operands fit Hopper's 227 KB of shared memory per block (bf16 at
 # K = V = 128: apply_inverse about 180 KB and the double-buffered state pass about 210 KB at
-# L = 2).
-MAX_WRITES = {"apply_inverse": 2, "state_forward": 2, "state_grads": 2}
+# L = 2; state_grads 223 KB at L = 3, where it keeps one write's dP at a time).
+MAX_WRITES = {"apply_inverse": 2, "state_forward": 2, "state_grads": 3}
+# The largest L at which a stage has been compiled and timed on a GPU. Above it (up to
+# MAX_WRITES) the stage is tested in interpret mode and lowered for CUDA here, and runs only
+# where `BlockSizes.mosaic_untimed` asks for it.
+TIMED_WRITES = {"state_grads": 2}
 
 
 def stage_reason(stage, q, k, v, chunk) -> str | None:
@@ -687,11 +693,15 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, chunk=6
   as vectors — the row and column sums of Ψ = Σ_l dP^l ⊙ (Q K^lᵀ), de = Σ_l rowsum(K^l ⊙
   Y^l dS'ᵀ), γ ⊙ rowsum(Q ⊙ dO Sᵀ) and the row sums of S ⊙ dS' — which XLA sums over key
   blocks and combines (`cm.gate_grads`), so no vector changes register layout in the kernel.
+  Up to L = 2 every dP^l stays in shared memory and dQ's products are one accumulation; at
+  L = 3 (whose L slots would need 239 KB) one slot holds the write at hand and its term of dQ
+  is added in registers before the next write overwrites it.
   """
   _check("state_grads", q, k, do, chunk)
   B, T, H, L, K = k.shape
   V, C, dtype, N = do.shape[-1], chunk, q.dtype, T // chunk
   BK, f32 = C, jnp.float32  # key blocks of 64 (= C)
+  DP_SLOTS = L if L <= 2 else 1  # dP^l kept in shared memory at once
   gamma, to_end = (_head_major(x) for x in pass_gates(G, seq, prev, C))  # [B, H, T]
   PARTS = 5  # rowsum Ψ, de, γ ⊙ rowsum(Q ⊙ dO Sᵀ), rowsum(S ⊙ dS'), colsum Ψ
 
@@ -725,21 +735,28 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, chunk=6
     s_t = h_smem.transpose((1, 0))
     dos = _product(do_smem, s_t, (C, BK))
     _store(_product(dxb_smem, s_t, (C, BK)), out_smem, dxs_gmem.at[b, rows, hd, keys])
-    psi = de = None
+    psi = de = dq_writes = None
     for l in range(L):
+      dp_l = dp_smem.at[l % DP_SLOTS]
+      # Reading a product's result waits for every WGMMA in flight, so the slot's last reader
+      # is done before it is overwritten.
       dp = _product(do_smem, y_smem.at[l].transpose((1, 0)), (C, C)) * decay
-      dp_smem[l] = dp.astype(dtype)
+      dp_l[...] = dp.astype(dtype)
       plgpu.commit_smem()
       yds = _product(y_smem.at[l], dh_smem.transpose((1, 0)), (C, BK))
       psi_l = dp * _product(qs_smem, k_smem.at[l].transpose((1, 0)), (C, C))
       de_l = jnp.sum(k_smem[l].astype(f32) * yds, axis=1)
       psi, de = (psi_l, de_l) if l == 0 else (psi + psi_l, de + de_l)
-      dk = (_product(dp_smem.at[l].transpose((1, 0)), qs_smem, (C, BK))
+      dk = (_product(dp_l.transpose((1, 0)), qs_smem, (C, BK))
             + _on_rows(_rows(vec_smem.at[5]), BK) * yds)
       _store(dk, out_smem, dk_gmem[l].at[b, rows, hd, keys])
+      if DP_SLOTS < L:
+        dq_l = _product(dp_l, k_smem.at[l], (C, BK))
+        dq_writes = dq_l if l == 0 else dq_writes + dq_l
     gamma_rows = _rows(vec_smem.at[4])
-    dq = (_products([(dp_smem.at[l], k_smem.at[l]) for l in range(L)], (C, BK))
-          + _on_rows(gamma_rows, BK) * dos)
+    if DP_SLOTS == L:
+      dq_writes = _products([(dp_smem.at[l], k_smem.at[l]) for l in range(L)], (C, BK))
+    dq = dq_writes + _on_rows(gamma_rows, BK) * dos
     _store(dq * scale, dq_smem, dq_gmem.at[b, rows, hd, keys])
     sds = jnp.sum(h_smem[...].astype(f32) * dh_smem[...].astype(f32), axis=1)
     # One value per row of a WGMMA tile, and colsum Ψ (one per column) in a buffer of its own.
@@ -757,7 +774,7 @@ def state_grads(q, k, v, beta, G, seq, prev, x, h, dh, dx, do, *, scale, chunk=6
                      _operand_smem((L, C, BK), dtype), _operand_smem((L, C, V), dtype),
                      _operand_smem((C, V), dtype), plgpu.SMEM((C, V), f32),
                      _operand_smem((C, V), dtype), _operand_smem((BK, V), dtype),
-                     _operand_smem((BK, V), dtype), _operand_smem((L, C, C), dtype),
+                     _operand_smem((BK, V), dtype), _operand_smem((DP_SLOTS, C, C), dtype),
                      plgpu.SMEM((6, C), f32), plgpu.SMEM((L, C), f32),
                      plgpu.SMEM((C, BK), f32), _operand_smem((C, BK), dtype),
                      plgpu.SMEM((PARTS - 1, C), f32), plgpu.SMEM((C,), f32),

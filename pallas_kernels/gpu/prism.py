@@ -58,8 +58,11 @@ def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interp
 
 def _on_mosaic(bs, stage, q, k, v):
   """Whether `stage` runs on its Mosaic GPU version (named in bs.mosaic, and it takes these
-  arrays, v: the values or dO; otherwise the Triton kernel runs)."""
+  arrays, v: the values or dO, at an L it was timed at unless bs.mosaic_untimed; otherwise the
+  Triton kernel runs)."""
   if stage not in bs.mosaic:
+    return False
+  if k.shape[3] > mosaic.TIMED_WRITES.get(stage, k.shape[3]) and not bs.mosaic_untimed:
     return False
   if stage in PASSES and (_pass_block_v(bs, q, v) % 32
                           or (_narrowed(bs, q, v) and not bs.mosaic_narrow)):

@@ -221,14 +221,14 @@ def test_wy_state_forward_lowers_for_cuda_and_takes_one_write():
 def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, dtype, monkeypatch):
   from kernel_checks import check_against_naive, launched_kernels
   from pallas_kernels import pallas_prism
-  monkeypatch.setenv("PRISM_MOSAIC_STAGES", ",".join(mosaic.STAGES))
+  monkeypatch.setenv("PRISM_MOSAIC_STAGES", ",".join(mosaic.STAGES) + ",untimed")
   # Interpret-mode blocks, but no narrowing of the passes over chunks for having few programs
   # (seq_min_programs = 1), so the Mosaic passes run at 32 columns as the Triton ones would.
   monkeypatch.setenv("PRISM_GPU_BLOCKS", "16,4,3,16,4,32,8,2,1,4,16")
   case = (1, 150, 2, 64, 64, L, C, True, True, dtype)  # T padded, segments, S₀
   check_against_naive(case, backend="gpu", interpret=True, seed=21 + L)
-  # Every stage ran on Mosaic GPU (at L = 2 the WY side's writes after the first too), the
-  # inverse on Triton.
+  # Every stage that takes L ran on Mosaic GPU (from L = 2 the WY side's writes after the
+  # first too; at L = 3 state_grads, not yet timed on a GPU), the inverse on Triton.
   q = jnp.zeros((1, C, 1, 64), jnp.bfloat16)
   k, v = jnp.zeros((1, C, 1, L, 64), jnp.bfloat16), jnp.zeros((1, C, 1, L, 64), jnp.bfloat16)
   beta, g = jnp.ones((1, C, 1, L), jnp.bfloat16), jnp.zeros((1, C, 1))
@@ -352,6 +352,10 @@ def test_default_stages_follow_the_measurements():
   assert not on("state_forward", 4, 16, L=3)  # shared memory holds L ≤ 2
   assert on("wy_grads", 4, 16, L=3) and on("state_grads", 4, 16, L=2)
   assert not on("wy_further_grads", 4, 16, L=2)  # not timed on a GPU yet
+  assert not on("state_grads", 4, 16, L=3)  # the same, at L = 3
+  untimed = dataclasses.replace(bs, mosaic_untimed=True)
+  assert _on_mosaic(untimed, "state_grads", *shapes(4, 16, L=3))
+  assert not _on_mosaic(untimed, "state_grads", *shapes(4, 16, L=4))  # shared memory
   assert wy(4, 16) is not None
   assert wy(1, 16) is None and wy(4, 16, L=2) is None and wy(4, 16, dtype=jnp.float32) is None
   assert _wy_pass(dataclasses.replace(bs, wy_pass=False), *shapes(4, 16), residuals=True,
@@ -374,7 +378,7 @@ def _grads_inputs(seed, L, K=64, V=128):
   return q, k, v, beta, G, seq, prev, x, h, dh, dx, do
 
 
-@pytest.mark.parametrize("L,K", [(1, 128), (2, 64)])
+@pytest.mark.parametrize("L,K", [(1, 128), (2, 64), (3, 64)])  # L = 3: one slot of dP
 def test_state_grads_matches_the_triton_kernel_in_interpret_mode(L, K):
   from pallas_kernels.gpu import kernels as gk
   from prism_jax.ops import chunk_math as cm
@@ -393,9 +397,12 @@ def test_state_grads_matches_the_triton_kernel_in_interpret_mode(L, K):
 
 def test_state_grads_lowers_for_cuda():
   pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
-  args = _grads_inputs(55, 2, K=128)  # the largest it takes
   fn = jax.jit(lambda *a: mosaic.state_grads(*a, scale=0.1))
-  assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  for L in (2, 3):  # every dP^l in shared memory; one at a time, 223 of the 227 KB
+    args = _grads_inputs(55, L, K=128)
+    assert "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  with pytest.raises(ValueError, match="L = 4"):
+    mosaic.state_grads(*_grads_inputs(56, 4, K=128), scale=0.1)
 
 
 def _wy_inputs(seed, K, L):
