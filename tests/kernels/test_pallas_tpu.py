@@ -1,8 +1,8 @@
-"""TPU kernels in Pallas TPU interpret mode (runs on CPU) against the sequential reference, and
-lowered for a TPU on this CPU: Pallas's TPU lowering checks every block shape against Mosaic
-TPU's tiling rules and every primitive against what it can lower, so a kernel a TPU would reject
-at those steps fails here. (Mosaic's layout passes and the compile run inside libtpu, on a TPU
-only.)"""
+"""TPU kernels against the sequential reference, compiled on a TPU and elsewhere in Pallas TPU
+interpret mode (on the CPU), and lowered for a TPU on any machine: Pallas's TPU lowering checks
+every block shape against Mosaic TPU's tiling rules and every primitive against what it can
+lower, so a kernel a TPU would reject at those steps fails here. (Mosaic's layout passes and the
+compile run inside libtpu, on a TPU only.)"""
 
 import itertools
 import warnings
@@ -14,7 +14,7 @@ import pytest
 from kernel_checks import case_id, check_against_naive, random_case
 from pallas_kernels import pallas_prism
 
-INTERPRET = True
+INTERPRET = jax.default_backend() != "tpu"
 
 # (B, T, H, K, V, L, chunk, initial state, packed segments, dtype)
 TPU_CASES = [
