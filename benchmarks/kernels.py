@@ -8,7 +8,9 @@ Times are medians over samples after warm-up; each sample is the mean of enough 
 calls to last ~20 ms, closed by one device synchronisation (`block_until_ready` of the last
 call; for flash-linear-attention the CUDA events of `triton.testing.do_bench`, which include
 the gaps PyTorch leaves between its kernels). `--profile` gives each side's kernel time
-alone. Inputs are bf16 (log-decay float32), keys L2-normalised, fresh random data. The floor is
+alone. The table's JAX programs are compiled side by side before any timing
+(`--compile-workers`), so a fresh machine spends one compile's time on them, not one per row.
+Inputs are bf16 (log-decay float32), keys L2-normalised, fresh random data. The floor is
 max(FLOPs / 790 TFLOP/s, bytes / 4.3 TB/s) — the bf16 matrix rate and copy bandwidth measured
 on this H200 — with FLOPs the matrix products of the chunked form (C = 64) and bytes one read
 of every input and one write of every output.
@@ -90,14 +92,39 @@ def median_ms(call, target_s=0.02, samples=7):
   return 1e3 * float(np.median(times))
 
 
-def time_jax(impl, args, do, samples, backward=True):
-  f = jax.jit(forward_fn(impl))
+def time_jax(impl, args, do, samples, backward=True, programs=None):
+  """(forward, forward+backward) ms of `impl`; programs: its two executables compiled before
+  (`compile_programs`), else each is compiled at its first call."""
+  f, fb = programs or (jax.jit(forward_fn(impl)), jax.jit(fwd_bwd_fn(impl)))
   fwd = median_ms(lambda: f(*args), samples=samples)
   if not backward:
     return fwd, None
-  fb = jax.jit(fwd_bwd_fn(impl))
   both = median_ms(lambda: fb(args, do), samples=samples)
   return fwd, both
+
+
+def compile_programs(jobs, workers):
+  """Compile the table's programs side by side before any timing: {key: (impl, args, do,
+  backward)} → {key: (forward, forward+backward or None) executables, or the exception that
+  stopped one}. XLA and the Pallas kernels compile outside the GIL, so on a fresh machine the
+  rows' compiles (tens of seconds each) overlap instead of adding up; nothing runs on the
+  device while timings are taken."""
+  from concurrent.futures import ThreadPoolExecutor
+
+  def build(fn, *args):
+    return jax.jit(fn).lower(*args).compile()
+
+  with ThreadPoolExecutor(max_workers=workers) as pool:
+    futures = {key: (pool.submit(build, forward_fn(impl), *args),
+                     pool.submit(build, fwd_bwd_fn(impl), args, do) if backward else None)
+               for key, (impl, args, do, backward) in jobs.items()}
+  out = {}
+  for key, (fwd, both) in futures.items():
+    try:
+      out[key] = (fwd.result(), both and both.result())
+    except Exception as err:  # reported where the row would have timed it
+      out[key] = err
+  return out
 
 
 def _fla_calls(args, do):
@@ -390,6 +417,9 @@ def main():
                       help="the table's L values, e.g. 1 or 2 (default: 1,2,3; 1,2 with "
                            "--quick); fla (L = 1, the first write) runs beside the first")
   parser.add_argument("--no-memory", action="store_true", help="the table without its memory row")
+  parser.add_argument("--compile-workers", type=int, default=4,
+                      help="the table's JAX programs compiled this many at a time before any "
+                           "timing (1: each just before it is timed)")
   parser.add_argument("--memory", action="store_true")
   parser.add_argument("--stages", action="store_true",
                       help="time each kernel alone at one shape (--shape; L from --writes)")
@@ -456,13 +486,22 @@ def main():
            ("chunk", "pallas") if a.skip_naive else ("naive", "chunk", "pallas"))
   if not set(impls) <= {"naive", "chunk", "pallas"}:
     parser.error(f"--impls takes names from naive,chunk,pallas, got {a.impls!r}")
+  writes = ((1, 2) if a.quick else WRITES) if a.table_writes is None else tuple(
+      int(x) for x in a.table_writes.split(","))
+  inputs = {(shape, L): make_inputs(*shape, L) for shape in shapes for L in writes}
+  programs = {}
+  if a.compile_workers > 1:
+    t0 = time.perf_counter()
+    programs = compile_programs({(key, impl): (impl, *inputs[key], impl != "naive")
+                                 for key in inputs for impl in impls}, a.compile_workers)
+    print(json.dumps({"compiled": len(programs), "workers": a.compile_workers,
+                      "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
   for B, T, H, D in shapes:
     fla = None
-    writes = ((1, 2) if a.quick else WRITES) if a.table_writes is None else tuple(
-        int(x) for x in a.table_writes.split(","))
     for L in writes:
-      args, do = make_inputs(B, T, H, D, L)
-      # Seconds each timing took, compiles and autotuning included: where a job's limit goes.
+      args, do = inputs.pop(((B, T, H, D), L))
+      # Seconds each timing took, compiles (without --compile-workers) and autotuning included:
+      # where a job's limit goes.
       wall, t0 = {}, time.perf_counter()
       if L == writes[0]:  # fla (L = 1: the first write of these inputs) once per shape
         try:
@@ -474,10 +513,13 @@ def main():
       for impl in impls:
         t0 = time.perf_counter()
         try:
+          built = programs.pop((((B, T, H, D), L), impl), None)
+          if isinstance(built, Exception):
+            raise built
           # The sequential scan keeps every per-step state for its backward (tens of GiB at
           # these shapes): forward only.
           row[impl] = time_jax(impl, args, do, samples=3 if impl == "naive" else 7,
-                               backward=impl != "naive")
+                               backward=impl != "naive", programs=built)
         except Exception as err:  # one failing implementation must not hide the others
           print(f"{impl} L={L} failed: {err!r}"[:3000], file=sys.stderr)
           row[impl] = None

@@ -51,3 +51,29 @@ def test_every_triton_kernel_lowers_for_the_h200(dtype, L, diag, inverse_block_k
   for name, (fn, args) in stage_calls(bs, 1, 2 * CHUNK, 2, 128, L, dtype=dtype).items():
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "prism_" + name in text, name
+
+
+def test_programs_compiled_side_by_side_match_the_jitted_ones():
+  """The table's programs compiled before timing (`compile_programs`, several threads) compute
+  what the jitted functions do, and a program that cannot be built comes back as its error."""
+  from benchmarks.kernels import compile_programs, forward_fn, fwd_bwd_fn, make_inputs
+  jobs = {}
+  for L in (1, 2):
+    args, do = make_inputs(1, CHUNK + 7, 2, 32, L, seed=L)
+    jobs[(L, "chunk")] = ("chunk", args, do, True)
+    jobs[(L, "naive")] = ("naive", args, do, False)
+  jobs["bad"] = ("no such impl", *jobs[(1, "chunk")][1:])
+  built = compile_programs(jobs, workers=3)
+  assert isinstance(built["bad"], Exception) and "no such impl" in str(built["bad"])
+  for key, (impl, args, do, backward) in jobs.items():
+    if key == "bad":
+      continue
+    fwd, both = built[key]
+    np.testing.assert_array_equal(np.asarray(fwd(*args), np.float32),
+                                  np.asarray(jax.jit(forward_fn(impl))(*args), np.float32))
+    if backward:
+      got, want = both(args, do), jax.jit(fwd_bwd_fn(impl))(args, do)
+      for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    else:
+      assert both is None
