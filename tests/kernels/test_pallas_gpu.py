@@ -111,11 +111,15 @@ def test_inverse_kernel_equals_the_float64_inverse(diag, block_k):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("B,T,H,D,L", [
-    (4, 4096, 16, 128, 1), (4, 4096, 16, 128, 2), (4, 4096, 16, 128, 3),  # the table's shapes
-    (8, 2048, 8, 64, 1), (8, 2048, 8, 64, 3), (1, 16384, 16, 128, 1), (1, 16384, 16, 128, 2),
-    (2, 1000, 4, 64, 4), (1, 333, 3, 96, 3)])  # L = 4; padded T and head dim
-def test_the_compiled_gpu_program_lowers_for_cuda(B, T, H, D, L, monkeypatch):
+@pytest.mark.parametrize("B,T,H,D,L,stages", [
+    (4, 4096, 16, 128, 1, None), (4, 4096, 16, 128, 2, None),  # the table's shapes
+    (4, 4096, 16, 128, 3, None), (8, 2048, 8, 64, 1, None), (8, 2048, 8, 64, 3, None),
+    (1, 16384, 16, 128, 1, None), (1, 16384, 16, 128, 2, None),
+    (2, 1000, 4, 64, 4, None), (1, 333, 3, 96, 3, None),  # L = 4; padded T and head dim
+    # Every Mosaic stage, those not yet timed on a GPU included.
+    (4, 4096, 16, 128, 2, "all,untimed,narrow,wy_pass"),
+    (4, 4096, 16, 128, 3, "all,untimed,narrow,wy_pass")])
+def test_the_compiled_gpu_program_lowers_for_cuda(B, T, H, D, L, stages, monkeypatch):
   """The forward and backward the GPU runs at its default tiling and stages (Mosaic GPU where
   measured faster, the wy pass, passes narrowed for few programs) lower for an H200 on this CPU:
   how the stages fit together at the benchmark shapes, and every Mosaic stage's shared memory,
@@ -123,8 +127,11 @@ def test_the_compiled_gpu_program_lowers_for_cuda(B, T, H, D, L, monkeypatch):
   from jax._src.pallas.triton import gpu_info, pallas_call_registration
   h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
   monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h200)
-  monkeypatch.delenv("PRISM_MOSAIC_STAGES", raising=False)
   monkeypatch.delenv("PRISM_GPU_BLOCKS", raising=False)
+  if stages:
+    monkeypatch.setenv("PRISM_MOSAIC_STAGES", stages)
+  else:
+    monkeypatch.delenv("PRISM_MOSAIC_STAGES", raising=False)
   S = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
   args = (S(B, T, H, D), S(B, T, H, L, D), S(B, T, H, L, D), S(B, T, H, L),
           S(B, T, H, dtype=jnp.float32), S(B, H, D, D, dtype=jnp.float32))
@@ -139,3 +146,5 @@ def test_the_compiled_gpu_program_lowers_for_cuda(B, T, H, D, L, monkeypatch):
     text = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" in text
+  if stages:
+    assert "prism_state_grads_mosaic" in text and "prism_wy_further_grads_mosaic" in text
