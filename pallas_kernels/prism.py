@@ -130,8 +130,7 @@ def _run_kernels(q, k, v, beta, g, h0, segment_ids, *, scale, chunk, backend, in
 def gpu_block_sizes(chunk: int, interpret: bool):
   """GPU tiling: PRISM_GPU_BLOCKS (the format of `BlockSizes.parse`) overrides the default, for
   tuning runs; PRISM_MOSAIC_STAGES (a comma list from `gpu.mosaic.STAGES`, "all" or "none";
-  adding "narrow" sets `BlockSizes.mosaic_narrow`, "wy_pass" `BlockSizes.wy_pass`, "untimed"
-  `BlockSizes.mosaic_untimed`)
+  adding "narrow" sets `BlockSizes.mosaic_narrow`, "wy_pass" `BlockSizes.wy_pass`)
   replaces the stages that run on their Mosaic GPU versions where they take the shapes.
   Interpret mode splits V and K into blocks of 16 (32 in the passes over chunks) so CPU tests
   cover the loops over column blocks and the key-block partial sums, and keeps every stage on
@@ -148,14 +147,14 @@ def gpu_block_sizes(chunk: int, interpret: bool):
   if stages:
     from pallas_kernels.gpu.mosaic import STAGES
     words = [x.strip() for x in stages.split(",") if x.strip() not in ("", "none")]
-    flags = ("narrow", "wy_pass", "untimed")
+    flags = ("narrow", "wy_pass")
     names = tuple(STAGES if "all" in words else (x for x in words if x not in flags))
     if not set(names) <= set(STAGES):
       raise ValueError(f"PRISM_MOSAIC_STAGES={stages!r}: unknown stage "
                        f"{sorted(set(names) - set(STAGES))}; Mosaic GPU stages are {STAGES} "
-                       '(or "all", "none", "narrow", "wy_pass", "untimed")')
+                       '(or "all", "none", "narrow", "wy_pass")')
     bs = dataclasses.replace(bs, mosaic=names, mosaic_narrow="narrow" in words,
-                             wy_pass="wy_pass" in words, mosaic_untimed="untimed" in words)
+                             wy_pass="wy_pass" in words)
   return bs
 
 

@@ -50,23 +50,22 @@ class BlockSizes:
   warps), ...) overriding the above (tuning runs); kernel_stages: the same for num_stages
   (`fitted` sets it); mosaic: stages to run on the Mosaic GPU versions of gpu/mosaic.py where
   those take the shapes (a pass over chunks at 32-column blocks, where `seq_tiling` narrows
-  them, only with mosaic_narrow): every stage but apply_inverse and wy_further_grads (whose
-  Mosaic version has not been timed on a GPU yet), each measured at least as fast as its
-  Triton kernel on the H200 (2026-12-05, ms, Mosaic against Triton, B4 T4096 H16
+  them, only with mosaic_narrow): every stage but apply_inverse, each measured at least as
+  fast as its Triton kernel on the H200 (2026-12-05, ms, Mosaic against Triton, B4 T4096 H16
   K=V=128 L = 1: state_grads 0.454 / 0.552 (L = 2: 0.641 / 1.280), wy_grads 0.261 / 0.389,
   output 0.112 / 0.138, state_forward 0.149 / 0.161, state_backward 0.218 / 0.227, local_dy
   0.100 / 0.101; at B1 T16384 with 32-column passes state_backward 0.487 / 0.521 and
-  state_forward 0.323 / 0.325); apply_inverse stays on Triton (0.152 against 0.114).
+  state_forward 0.323 / 0.325) or, the later ones, on an H100 (B4 T4096: wy_further_grads
+  0.351 / 0.677 at L = 2 and 1.146 / 2.071 at L = 3, state_grads at L = 3 1.147 / 2.457);
+  apply_inverse stays on Triton (0.152 against 0.114).
   wy_pass: at L = 1, where the state pass runs on Mosaic GPU at full width, it forms U and Wk
   itself (`mosaic.wy_state_forward`) in place of apply_inverse: 0.223 ms with the backward's U
   and Wk stored, 0.172 without, against 0.263 for apply_inverse then the state pass (H200); its
   compiled test (`test_compiled_mosaic_stages_match_naive[L1-wy-pass]`) passed on an H100.
-  mosaic_untimed: also run a Mosaic stage at the L it takes but has not been compiled and timed
-  at on a GPU (`mosaic.TIMED_WRITES`: state_grads at L = 3, where the Triton kernel spills 1.8
-  KB per thread by ptxas), for the runs that test and time it.
-  further_num_warps: warps of `wy_further_grads`, the WY-side gradients of the writes after the
-  first (L ≥ 2; H100, B4 T4096 H16 K=V=128: 8 warps 0.686 / 2.108 ms at L = 2 / 3 against
-  0.907 / 2.537 with 4, where it spills more registers).
+  further_num_warps: warps of the Triton `wy_further_grads`, the WY-side gradients of the
+  writes after the first (L ≥ 2, where its Mosaic version does not run; H100, B4 T4096 H16
+  K=V=128: 8 warps 0.686 / 2.108 ms at L = 2 / 3 against 0.907 / 2.537 with 4, where it spills
+  more registers).
   inverse_diag: how the inverse kernel inverts its diagonal 16 × 16 blocks, "rows" (forward
   substitution, elementwise) or "doubling" (`cm.unit_lower_inverse`); inverse_block_k: key
   columns per step of its K¹K¹ᵀ products (0: the whole key width at once; 64 columns took
@@ -87,10 +86,9 @@ class BlockSizes:
   kernel_warps: tuple = ()
   kernel_stages: tuple = ()
   mosaic: tuple = ("state_forward", "output", "local_dy", "state_backward", "state_grads",
-                   "wy_grads")
+                   "wy_grads", "wy_further_grads")
   mosaic_narrow: bool = True
   wy_pass: bool = True
-  mosaic_untimed: bool = False
   inverse_diag: str = "rows"
   inverse_block_k: int = 64
   further_num_warps: int = 8

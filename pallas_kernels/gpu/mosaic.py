@@ -3,8 +3,7 @@
 JAX 0.11 deprecates the Pallas Triton backend and recommends Mosaic GPU on Hopper. Which
 backend each stage uses is decided by timing both on the H200 (`benchmarks/kernels.py --stages`
 lists the Mosaic versions beside the Triton ones): `BlockSizes.mosaic` names the stages whose
-Mosaic version was at least as fast (all but apply_inverse, the passes at 32 columns too; not
-wy_further_grads, untimed so far), and
+Mosaic version was at least as fast (all but apply_inverse, the passes at 32 columns too), and
 `PRISM_MOSAIC_STAGES` replaces that list for tuning runs. `wy_state_forward` is the state pass
 at L = 1 forming U and Wk itself, in place of apply_inverse (`BlockSizes.wy_pass`).
 
@@ -15,11 +14,9 @@ one computes), and, one program per (chunk, batch·head) over the whole value wi
 K^lᵀ) ⊙ D)ᵀ dO of every write), `state_grads` (the state side of the gradients, per key block of 64
 too), `wy_grads` (the WY side, K = V only: the erase write; at L ≥ 2 `wy_further_grads`, on Triton
 or here, computes the other writes first and it adds their terms) and `wy_further_grads` (one
-program per chunk, batch·head and write after the first; not in the default list until it has been
-timed on a GPU). `state_grads` also takes L = 3 (one write's dP in shared memory at a time), but
-runs there only with `BlockSizes.mosaic_untimed` until timed on a GPU (`TIMED_WRITES`). Only the
-(I + A)⁻¹ kernel has no Mosaic version: its 16 × 16 float32 blocks are below the 64-row WGMMA
-tile, whose float32 operands are TF32.
+program per chunk, batch·head and write after the first). `state_grads` takes L ≤ 3 (at L = 3
+one write's dP in shared memory at a time). Only the (I + A)⁻¹ kernel has no Mosaic version: its
+16 × 16 float32 blocks are below the 64-row WGMMA tile, whose float32 operands are TF32.
 Operands travel by TMA into swizzled shared memory and every product runs on the warpgroup
 tensor cores (WGMMA); the masked, decayed C × C scores are written back to shared memory in the
 16-bit input type for the second product (the rounding the Triton kernels apply too). The C × C
@@ -71,10 +68,6 @@ STAGES = ("apply_inverse", "state_forward", "output", "local_dy", "state_backwar
 # K = V = 128: apply_inverse about 180 KB and the double-buffered state pass about 210 KB at
 # L = 2; state_grads 223 KB at L = 3, where it keeps one write's dP at a time).
 MAX_WRITES = {"apply_inverse": 2, "state_forward": 2, "state_grads": 3}
-# The largest L at which a stage has been compiled and timed on a GPU. Above it (up to
-# MAX_WRITES) the stage is tested in interpret mode and lowered for CUDA here, and runs only
-# where `BlockSizes.mosaic_untimed` asks for it.
-TIMED_WRITES = {"state_grads": 2}
 
 
 def stage_reason(stage, q, k, v, chunk) -> str | None:

@@ -58,11 +58,8 @@ def chunked_prism(q, k, v, beta, G, seq, prev, h0, scale, bs: BlockSizes, interp
 
 def _on_mosaic(bs, stage, q, k, v):
   """Whether `stage` runs on its Mosaic GPU version (named in bs.mosaic, and it takes these
-  arrays, v: the values or dO, at an L it was timed at unless bs.mosaic_untimed; otherwise the
-  Triton kernel runs)."""
+  arrays, v: the values or dO; otherwise the Triton kernel runs)."""
   if stage not in bs.mosaic:
-    return False
-  if k.shape[3] > mosaic.TIMED_WRITES.get(stage, k.shape[3]) and not bs.mosaic_untimed:
     return False
   if stage in PASSES and (_pass_block_v(bs, q, v) % 32
                           or (_narrowed(bs, q, v) and not bs.mosaic_narrow)):
@@ -146,7 +143,7 @@ def _bwd(scale, bs, interpret, res, cotangents):
                                                      do, scale=scale)
   wy_args = (k, v, beta, G, seq, prev, inv, u, wk, dx, dxs, dh, local, dk_state)
   if k.shape[3] > 1 and _on_mosaic(bs, "wy_grads", q, k, do):
-    # The writes l ≥ 2 first (on Triton unless bs.mosaic names wy_further_grads), then the
+    # The writes l ≥ 2 first (on Mosaic GPU where bs.mosaic names wy_further_grads), then the
     # erase write on Mosaic GPU, which adds to their terms of dK¹, dβ¹ and dG.
     further = stage("wy_further_grads", solve=kw["precision"])(
         k, v, beta, G, seq, prev, inv, dx, dh, local, dk_state)

@@ -221,14 +221,14 @@ def test_wy_state_forward_lowers_for_cuda_and_takes_one_write():
 def test_custom_vjp_with_the_mosaic_stages_matches_naive(L, dtype, monkeypatch):
   from kernel_checks import check_against_naive, launched_kernels
   from pallas_kernels import pallas_prism
-  monkeypatch.setenv("PRISM_MOSAIC_STAGES", ",".join(mosaic.STAGES) + ",untimed")
+  monkeypatch.setenv("PRISM_MOSAIC_STAGES", ",".join(mosaic.STAGES))
   # Interpret-mode blocks, but no narrowing of the passes over chunks for having few programs
   # (seq_min_programs = 1), so the Mosaic passes run at 32 columns as the Triton ones would.
   monkeypatch.setenv("PRISM_GPU_BLOCKS", "16,4,3,16,4,32,8,2,1,4,16")
   case = (1, 150, 2, 64, 64, L, C, True, True, dtype)  # T padded, segments, S₀
   check_against_naive(case, backend="gpu", interpret=True, seed=21 + L)
   # Every stage that takes L ran on Mosaic GPU (from L = 2 the WY side's writes after the
-  # first too; at L = 3 state_grads, not yet timed on a GPU), the inverse on Triton.
+  # first too), the inverse on Triton.
   q = jnp.zeros((1, C, 1, 64), jnp.bfloat16)
   k, v = jnp.zeros((1, C, 1, L, 64), jnp.bfloat16), jnp.zeros((1, C, 1, L, 64), jnp.bfloat16)
   beta, g = jnp.ones((1, C, 1, L), jnp.bfloat16), jnp.zeros((1, C, 1))
@@ -346,16 +346,13 @@ def test_default_stages_follow_the_measurements():
   for stage in ("output", "local_dy", "state_forward", "state_backward", "state_grads",
                 "wy_grads"):
     assert on(stage, 4, 16), stage
+  assert on("wy_further_grads", 4, 16, L=2) and not on("wy_further_grads", 4, 16)  # L ≥ 2
   assert on("state_forward", 1, 16) and on("state_backward", 1, 16)  # narrowed: 32 columns
   assert not on("apply_inverse", 4, 16)
   assert not on("output", 4, 16, dtype=jnp.float32)
   assert not on("state_forward", 4, 16, L=3)  # shared memory holds L ≤ 2
   assert on("wy_grads", 4, 16, L=3) and on("state_grads", 4, 16, L=2)
-  assert not on("wy_further_grads", 4, 16, L=2)  # not timed on a GPU yet
-  assert not on("state_grads", 4, 16, L=3)  # the same, at L = 3
-  untimed = dataclasses.replace(bs, mosaic_untimed=True)
-  assert _on_mosaic(untimed, "state_grads", *shapes(4, 16, L=3))
-  assert not _on_mosaic(untimed, "state_grads", *shapes(4, 16, L=4))  # shared memory
+  assert on("state_grads", 4, 16, L=3) and not on("state_grads", 4, 16, L=4)  # shared memory
   assert wy(4, 16) is not None
   assert wy(1, 16) is None and wy(4, 16, L=2) is None and wy(4, 16, dtype=jnp.float32) is None
   assert _wy_pass(dataclasses.replace(bs, wy_pass=False), *shapes(4, 16), residuals=True,

@@ -53,9 +53,9 @@ def test_float32_at_head_dim_128_falls_back_once_and_matches():
     # Every stage at L = 2 (the WY side's second write on Mosaic too), the passes at 64 columns.
     ("all", "64,4,3,64,4,64,8,2,1", (1, 200, 2, 64, 64, 2, 64, True, True, jnp.bfloat16)),
     # L = 3: the WY side on Mosaic, one program per write after the first, and the state side
-    # with one write's dP in shared memory at a time ("untimed": not yet a default at L = 3);
-    # the passes and apply_inverse on Triton (their shared memory holds L ≤ 2).
-    ("all,untimed", None, (1, 200, 2, 128, 128, 3, 64, True, True, jnp.bfloat16)),
+    # with one write's dP in shared memory at a time; the passes and apply_inverse on Triton
+    # (their shared memory holds L ≤ 2).
+    ("all", None, (1, 200, 2, 128, 128, 3, 64, True, True, jnp.bfloat16)),
     # The pass forming U and Wk itself at L = 1, with and without the backward's residuals.
     ("all,wy_pass", "64,4,3,64,4,64,8,2,1",
      (2, 300, 4, 128, 128, 1, 64, True, True, jnp.bfloat16)),
