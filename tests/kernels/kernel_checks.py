@@ -157,3 +157,26 @@ def check_against_naive(case, *, backend, interpret, backward="pallas", seed=0,
                                            segment_ids=segment_ids))(q, k, v, beta, g)
     assert_close("o (forward alone)", o_ref, o)
     assert_close("final_state (forward alone)", final_ref, final, tol)
+
+
+def answer_gpu_queries_as_h200(monkeypatch):
+  """Let the Triton kernels lower for CUDA on a machine without a GPU: the Pallas Triton
+  lowering's query of the device is answered with an H200's description."""
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration
+  h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h200)
+
+
+def lowered_forward_and_backward(args, platform, **kernel_kw) -> str:
+  """The text of `pallas_prism`'s forward and backward (every gradient, initial state
+  included) lowered for `platform` ("cuda" or "tpu") from args (q, k, v, beta, g, s0: arrays
+  or ShapeDtypeStructs) and `pallas_prism` keywords; a fallback to the pure-JAX form fails."""
+  def loss(q, k, v, beta, g, s0):
+    o, final = pallas_prism(q, k, v, beta, g, initial_state=s0, output_final_state=True,
+                            interpret=False, **kernel_kw)
+    return o.astype(jnp.float32).sum() + final.sum()
+
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message="pallas_prism falls back")
+    return jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*args).lower(
+        lowering_platforms=(platform,)).as_text()

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks.kernels import CHUNK, stage_calls  # noqa: E402
-from kernel_checks import launched_kernels  # noqa: E402
+from kernel_checks import answer_gpu_queries_as_h200, launched_kernels  # noqa: E402
 from pallas_kernels import pallas_prism  # noqa: E402
 from pallas_kernels.gpu.kernels import BlockSizes  # noqa: E402
 from prism_jax.testing import random_prism_inputs  # noqa: E402
@@ -44,9 +44,7 @@ def test_every_triton_kernel_lowers_for_the_h200(dtype, L, diag, inverse_block_k
   """Each Triton-backend kernel lowers to Triton IR for an H200 on this CPU (the lowering only
   needs the GPU's description): a primitive the Triton lowering lacks fails here, not on the
   device."""
-  from jax._src.pallas.triton import gpu_info, pallas_call_registration
-  h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
-  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h200)
+  answer_gpu_queries_as_h200(monkeypatch)
   bs = BlockSizes(chunk=CHUNK, inverse_diag=diag, inverse_block_k=inverse_block_k)
   for name, (fn, args) in stage_calls(bs, 1, 2 * CHUNK, 2, 128, L, dtype=dtype).items():
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -480,9 +480,8 @@ def test_wy_further_grads_lowers_for_cuda_and_refuses_what_it_cannot_take():
 
 def test_wy_grads_lowers_for_cuda_and_needs_the_further_writes_exactly_at_l2(monkeypatch):
   pytest.importorskip("jax._src.pallas.mosaic_gpu.pallas_call_registration")
-  from jax._src.pallas.triton import gpu_info, pallas_call_registration
-  h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)  # lowering Triton on CPU
-  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h200)
+  from kernel_checks import answer_gpu_queries_as_h200
+  answer_gpu_queries_as_h200(monkeypatch)  # the Triton kernels lower too
   from pallas_kernels.gpu import kernels as gk
   from prism_jax.ops import chunk_math as cm
   from benchmarks.kernels import further_args

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 from host_random import prism_inputs
-from kernel_checks import CASES, case_id, check_against_naive
+from kernel_checks import (CASES, answer_gpu_queries_as_h200, case_id, check_against_naive,
+                           lowered_forward_and_backward)
 from pallas_kernels import pallas_prism, unsupported_reason
 from prism_jax.ops import chunk_prism
 from prism_jax.testing import assert_close
@@ -123,9 +124,7 @@ def test_the_compiled_gpu_program_lowers_for_cuda(B, T, H, D, L, stages, monkeyp
   measured faster, the wy pass, passes narrowed for few programs) lower for an H200 on this CPU:
   how the stages fit together at the benchmark shapes, and every Mosaic stage's shared memory,
   are checked before the device. (Interpret-mode tests run the Triton kernels at small blocks.)"""
-  from jax._src.pallas.triton import gpu_info, pallas_call_registration
-  h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
-  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h200)
+  answer_gpu_queries_as_h200(monkeypatch)
   monkeypatch.delenv("PRISM_GPU_BLOCKS", raising=False)
   if stages:
     monkeypatch.setenv("PRISM_MOSAIC_STAGES", stages)
@@ -134,16 +133,7 @@ def test_the_compiled_gpu_program_lowers_for_cuda(B, T, H, D, L, stages, monkeyp
   S = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
   args = (S(B, T, H, D), S(B, T, H, L, D), S(B, T, H, L, D), S(B, T, H, L),
           S(B, T, H, dtype=jnp.float32), S(B, H, D, D, dtype=jnp.float32))
-
-  def loss(q, k, v, beta, g, s0):
-    o, final = pallas_prism(q, k, v, beta, g, initial_state=s0, output_final_state=True,
-                            interpret=False, backend="gpu")
-    return o.astype(jnp.float32).sum() + final.sum()
-
-  with warnings.catch_warnings():
-    warnings.filterwarnings("error", message="pallas_prism falls back")
-    text = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
+  text = lowered_forward_and_backward(args, "cuda", backend="gpu")
   assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" in text
   if 1 < L <= 3:  # the state side on Mosaic up to L = 3, the writes after the first from L = 2
     assert "prism_state_grads_mosaic" in text and "prism_wy_further_grads_mosaic" in text

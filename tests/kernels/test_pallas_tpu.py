@@ -5,14 +5,13 @@ lower, so a kernel a TPU would reject at those steps fails here. (Mosaic's layou
 compile run inside libtpu, on a TPU only.)"""
 
 import itertools
-import warnings
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from kernel_checks import case_id, check_against_naive, random_case
-from pallas_kernels import pallas_prism
+from kernel_checks import (case_id, check_against_naive, lowered_forward_and_backward,
+                           random_case)
 
 INTERPRET = jax.default_backend() != "tpu"
 
@@ -45,18 +44,8 @@ LOWERING_SHAPES = [
 
 @pytest.mark.parametrize("dtype,K,V,L,C", LOWERING_SHAPES)
 def test_forward_and_backward_lower_for_a_tpu(dtype, K, V, L, C):
-  (q, k, v, beta, g, s0), segment_ids, _, _ = random_case(
-      (2, 200, 2, K, V, L, C, True, True, dtype), seed=L)
-
-  def loss(q, k, v, beta, g, s0):
-    o, final = pallas_prism(q, k, v, beta, g, initial_state=s0, output_final_state=True,
-                            segment_ids=segment_ids, chunk_size=C, backend="tpu",
-                            interpret=False)
-    return o.astype(jnp.float32).sum() + final.sum()
-
-  fn = jax.jit(jax.grad(loss, argnums=tuple(range(6))))
-  with warnings.catch_warnings():
-    warnings.filterwarnings("error", message="pallas_prism falls back")
-    text = fn.trace(q, k, v, beta, g, s0).lower(lowering_platforms=("tpu",)).as_text()
+  args, segment_ids, _, _ = random_case((2, 200, 2, K, V, L, C, True, True, dtype), seed=L)
+  text = lowered_forward_and_backward(args, "tpu", segment_ids=segment_ids, chunk_size=C,
+                                      backend="tpu")
   # prepare, state_forward, output, state_backward, grads: each a Mosaic TPU kernel.
   assert text.count("tpu_custom_call") == 5
